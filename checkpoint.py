@@ -1,0 +1,125 @@
+"""Loading plumbing shared by every component: where weights are, how they are read, and strict checks.
+
+Every loader in this project follows the same three steps, in the open:
+  folder = resolve(path_or_repo_id)            # a local folder, or the Hugging Face hub cache
+  sd = read_weights(file) for file in weight_files(folder)
+  check_state_dict(expected_shapes, got_shapes, what)   # raises, listing every problem at once
+"""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model: raised with every missing, unexpected and misshaped key."""
+
+
+def resolve(path_or_repo_id, allow_patterns=None) -> Path:
+    """A local folder as it is; otherwise a hub repo id, fetched into (or found in) the local HF cache.
+
+    With HF_HUB_OFFLINE=1 only the cache is used, so a machine without network loads what it has."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; give the folder that holds config.json and the weights")
+    if str(path_or_repo_id).count("/") != 1 or str(path_or_repo_id).startswith((".", "/", "~")):
+        raise CheckpointError(f"{path_or_repo_id!r} is neither a local folder nor a hub repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path_or_repo_id), allow_patterns=allow_patterns))
+    except Exception as e:  # network down, repo missing, not in the offline cache, ...
+        raise CheckpointError(f"could not resolve {path_or_repo_id!r} locally or on the hub: {e}") from e
+
+
+def read_config(folder) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+
+
+def weight_files(folder, prefix="model") -> list:
+    """The weight files of a folder, in load order: sharded safetensors (via the index), one safetensors
+    file, or a pickled pytorch_model.bin (read safely, see read_weights)."""
+    folder = Path(folder)
+    index = folder / f"{prefix}.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shards that are not there: {missing}")
+        return [folder / s for s in shards]
+    for name in (f"{prefix}.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return [folder / name]
+    singles = sorted(folder.glob("*.safetensors"))
+    if len(singles) == 1:
+        return singles
+    raise CheckpointError(f"no weights found in {folder} (looked for {prefix}.safetensors[.index.json], "
+                          f"pytorch_model.bin)")
+
+
+def read_weights(path) -> dict:
+    """Read one weight file. Pickles are opened with weights_only=True: tensors only, no code runs."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+
+
+def check_state_dict(expected: dict, got: dict, what: str = "checkpoint"):
+    """Compare {name: shape} maps; raise one CheckpointError that lists every difference."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    misshaped = sorted(k for k in set(expected) & set(got) if tuple(expected[k]) != tuple(got[k]))
+    if not (missing or unexpected or misshaped):
+        return
+    lines = [f"{what} does not match the model:"]
+    if missing:
+        lines.append(f"  missing ({len(missing)}): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+    if unexpected:
+        lines.append(f"  unexpected ({len(unexpected)}): " + ", ".join(unexpected[:20])
+                     + (" ..." if len(unexpected) > 20 else ""))
+    for k in misshaped[:20]:
+        lines.append(f"  wrong shape: {k}: checkpoint {tuple(got[k])}, model {tuple(expected[k])}")
+    raise CheckpointError("\n".join(lines))
+
+
+def shapes(sd: dict) -> dict:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def save_safetensors(sd: dict, path, metadata=None):
+    """Write atomically: a temp file in the same folder, fsync, then rename, so a crash never leaves a
+    half-written file under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses shared storage (tied weights) and non-contiguous views: store plain copies.
+    seen, clean = set(), {}
+    for k, v in sd.items():
+        v = v.detach()
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.device.type != "meta" else None
+        clean[k] = v.clone().contiguous() if (key in seen or not v.is_contiguous()) else v
+        seen.add(key)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(clean, tmp, metadata=metadata or {"format": "pt"})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
