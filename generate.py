@@ -1,0 +1,141 @@
+"""Text generation with the LLM of model.py: KV-cache prefill, then one token per step.
+
+    ids = generate(llm, input_ids, attention_mask, max_new_tokens=64)           # greedy, batched
+    ids = generate(llm, inputs_embeds=embeds, attention_mask=mask, temperature=0.7, top_p=0.9)
+    for piece in stream_text(llm, tokenizer, prompt_ids): print(piece, end='')  # text as it comes
+
+Prompts of different lengths may be padded on either side; the cache keeps padding as masked
+slots and rotary positions per sample (model.KVCache), so padding never changes a sample's tokens.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from model import LLM, KVCache, Tokenizer
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). temperature 0: greedy. top_p < 1: nucleus sampling, from the
+    smallest set of most likely tokens whose probability reaches top_p."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        p, idx = probs.sort(dim=-1, descending=True)
+        outside = p.cumsum(-1) - p >= top_p  # the mass before this token already reaches top_p
+        p = p.masked_fill(outside, 0.0)
+        choice = torch.multinomial(p, 1, generator=generator)  # multinomial renormalizes
+        return idx.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_steps(llm: LLM, input_ids=None, inputs_embeds=None, attention_mask=None, max_new_tokens: int = 128,
+                   temperature: float = 0.0, top_p: float = 1.0, stop_ids=None,
+                   generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (tokens (B,), active (B,) bool) once per step; inactive samples already stopped and their
+    token is meaningless. Stops when every sample produced a stop token or after max_new_tokens."""
+    cfg = llm.cfg
+    stop = torch.tensor(sorted(set(cfg.eos_token_ids if stop_ids is None else stop_ids)), dtype=torch.long)
+    embeds = llm.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
+    B, T, _ = embeds.shape
+    device = embeds.device
+    mask = (torch.ones(B, T, dtype=torch.long, device=device) if attention_mask is None
+            else attention_mask.to(device=device, dtype=torch.long))
+    stop = stop.to(device)
+    cache = KVCache(cfg, B, T + max_new_tokens, dtype=embeds.dtype, device=device)
+
+    def prefill(embeds, mask):
+        cache.reset()
+        hidden = llm(inputs_embeds=embeds, attention_mask=mask, cache=cache, return_hidden=True)  # (B, T, H)
+        # each sample continues from its last real token, wherever padding put it
+        last = (mask * torch.arange(mask.shape[1], device=device)).argmax(1)
+        return llm.lm_head(hidden[torch.arange(B, device=device), last])  # (B, V)
+
+    logits = prefill(embeds, mask)
+    active = torch.ones(B, dtype=torch.bool, device=device)
+    generated = []
+    for step in range(max_new_tokens):
+        token = sample(logits, temperature, top_p, generator)  # (B,)
+        yield token, active
+        active = active & ~torch.isin(token, stop)
+        generated.append(token)
+        if step == max_new_tokens - 1 or not bool(active.any()):
+            return
+        if (cfg.rope_type == 'longrope' and not cache.long_rope
+                and int(cache.next_pos.max()) + 1 > cfg.original_max_position_embeddings):
+            # LongRoPE switches to its long factors once the sequence outgrows the original context;
+            # the cached keys were rotated with the short ones, so recompute them all (as transformers does)
+            new = torch.stack(generated, 1)  # (B, step + 1)
+            logits = prefill(torch.cat([embeds, llm.embed_tokens(new)], 1),
+                             torch.cat([mask, torch.ones_like(new)], 1))
+        else:
+            logits = llm(input_ids=token[:, None], cache=cache)[:, -1]  # (B, V)
+
+
+def generate(llm: LLM, input_ids=None, inputs_embeds=None, attention_mask=None, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_p: float = 1.0, stop_ids=None, generator=None,
+             stream: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """Generate for a batch of prompts (token ids or embeddings, padded on either side, with
+    attention_mask). Returns the new tokens of each sample, without the stop token that ended it.
+    stop_ids default to the config's eos_token_ids. stream(sample_index, token_id) is called for every
+    new token as soon as it is sampled."""
+    B = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+    out = [[] for _ in range(B)]
+    stop = set(llm.cfg.eos_token_ids if stop_ids is None else stop_ids)
+    for token, active in generate_steps(llm, input_ids, inputs_embeds, attention_mask, max_new_tokens,
+                                        temperature, top_p, stop_ids, generator):
+        for b, (t, a) in enumerate(zip(token.tolist(), active.tolist())):
+            if a and t not in stop:
+                out[b].append(t)
+                if stream is not None:
+                    stream(b, t)
+    return out
+
+
+def stream_text(llm: LLM, tokenizer: Tokenizer, input_ids, inputs_embeds=None, **kwargs) -> Iterator[str]:
+    """One prompt (a list of ids, or (1, T) ids / embeddings): yield the reply's text as it is produced.
+    Stops on the config's eos ids and the tokenizer's end tokens (<|eot_id|>, <|end|>, ...)."""
+    if inputs_embeds is None and not torch.is_tensor(input_ids):
+        input_ids = torch.tensor([input_ids], dtype=torch.long)
+    kwargs.setdefault('stop_ids', set(llm.cfg.eos_token_ids) | set(tokenizer.end_ids))
+    decoder = StreamDecoder(tokenizer)
+    for token, active in generate_steps(llm, input_ids, inputs_embeds, **kwargs):
+        if not bool(active[0]) or int(token[0]) in kwargs['stop_ids']:
+            break
+        piece = decoder.put(int(token[0]))
+        if piece:
+            yield piece
+    rest = decoder.flush()
+    if rest:
+        yield rest
+
+
+class StreamDecoder:
+    """Incremental detokenization: put ids one at a time, get back only the newly completed text.
+
+    Decoding token by token breaks multi-byte characters split across tokens (byte-level BPE) and
+    drops the leading space of SentencePiece pieces. So each step decodes a short window that starts
+    a little before the new ids, emits what the new ids added, and holds text back while it still
+    ends in an incomplete character (U+FFFD). Cost per step stays constant as the text grows."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = 0  # window start: already emitted ids kept as left context
+        self.read = 0    # ids before this index have been emitted
+
+    def put(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        return self.flush(final=False)
+
+    def flush(self, final: bool = True) -> str:
+        done = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=self.skip)
+        text = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=self.skip)
+        if len(text) <= len(done) or (text.endswith('\ufffd') and not final):
+            return ''
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(done):]
