@@ -1,0 +1,444 @@
+"""Data for Florence-VL: LLaVA conversations -> input ids and labels, images, batches, sampling.
+
+    record {"id", "image", "conversations": [{"from": "human"|"gpt", "value": ...}, ...]}
+      -> tokenize_conversation: ids and labels built piece by piece (template text, messages,
+         end tokens), so exactly the assistant replies and their end tokens are supervised
+      -> truncate: at most max_len tokens once the image placeholder is expanded
+      -> image: RGB, resized (pretrain) or padded (finetune) to a square by florence_encoder.preprocess
+      -> collate: right padding into (B, T) tensors; the -200 placeholder stays for the model to splice
+    ResumableSampler: a deterministic distributed sampler that restarts mid-epoch exactly.
+
+The synthetic task that the default training run uses lives in synthetic.py.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from array import array
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import tokenizers
+from PIL import Image
+
+import model
+
+IMAGE_TOKEN = '<image>'
+IMAGE_TOKEN_INDEX = -200  # stands for the visual tokens in input_ids (facts file, section 4)
+IGNORE_INDEX = -100       # label of every token that is not supervised
+ROLES = ('human', 'gpt')
+TEMPLATE_NAMES = ('plain', 'llama3', 'phi3')
+
+
+class DataError(ValueError):
+    """A record that cannot be used; the message starts with 'file:line' or 'file[index]'."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: one function that lists the problems of one record, so that a `--check` pass over a
+# whole file and the loader at training time apply the same rules.
+
+def validate_record(record, template: str | None = None, image_root: str | Path | None = None,
+                    check_image_file: bool = False) -> list[str]:
+    """Returns the problems of one LLaVA record ([] when it is usable)."""
+    if not isinstance(record, dict):
+        return [f'record is a {type(record).__name__}, expected a JSON object']
+    conversations = record.get('conversations')
+    if not isinstance(conversations, list) or not conversations:
+        return ['missing or empty "conversations" list']
+    problems = []
+    image = record.get('image')
+    if image is not None and not isinstance(image, str):
+        problems.append('"image" must be one path (one image per sample)')
+    n_image_tokens = 0
+    for j, turn in enumerate(conversations):
+        if not (isinstance(turn, dict) and turn.get('from') in ROLES and isinstance(turn.get('value'), str)):
+            problems.append(f'turn {j}: expected {{"from": "human"|"gpt", "value": str}}, got {turn!r:.80}')
+            continue
+        expected = ROLES[j % 2]
+        if turn['from'] != expected:
+            problems.append(f'turn {j}: from {turn["from"]!r}, expected {expected!r} '
+                            '(turns alternate, starting with human)')
+        count = turn['value'].count(IMAGE_TOKEN)
+        if count and turn['from'] == 'gpt':
+            problems.append(f'turn {j}: {IMAGE_TOKEN} in a gpt reply')
+        n_image_tokens += count
+    if len(conversations) % 2:
+        problems.append('odd number of turns: the last human turn has no gpt reply')
+    if template == 'plain' and len(conversations) != 2:
+        problems.append(f'the plain (pretrain) template takes one human and one gpt turn, got {len(conversations)} turns')
+    if n_image_tokens > 1:
+        problems.append(f'{n_image_tokens} {IMAGE_TOKEN} tokens; one image per sample is supported')
+    if n_image_tokens and image is None:
+        problems.append(f'{IMAGE_TOKEN} in the text but no "image" field')
+    if check_image_file and isinstance(image, str):
+        path = Path(image_root or '.') / image
+        if not path.is_file():
+            problems.append(f'image file not found: {path}')
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenization, turn by turn. Every piece (system block, role prefix, message text, end token) is
+# encoded on its own and the pieces are concatenated, so a label boundary can never fall inside a
+# token: the mask is exact by construction, multi-turn included. The official code instead splits
+# the rendered string and re-tokenizes, and masks whole samples when the lengths disagree.
+#
+# Inference must build its prompt the same way (tokenize_prompt), not by encoding render_chat's
+# string: with BPE/SentencePiece the two can differ at piece boundaries.
+
+def _as_tokenizer(tokenizer) -> model.Tokenizer:
+    return model.Tokenizer(tokenizer) if isinstance(tokenizer, tokenizers.Tokenizer) else tokenizer
+
+
+def _encode(tokenizer: model.Tokenizer, text: str) -> list[int]:
+    """Text to ids; each <image> becomes IMAGE_TOKEN_INDEX and the text around it is encoded separately."""
+    ids: list[int] = []
+    for j, part in enumerate(text.split(IMAGE_TOKEN)):
+        if j:
+            ids.append(IMAGE_TOKEN_INDEX)
+        if part:
+            ids += tokenizer.encode(part, add_special_tokens=False)
+    return ids
+
+
+def _bos(tokenizer: model.Tokenizer) -> list[int]:
+    """What the tokenizer's post-processor puts before the text (<|begin_of_text|> for Llama 3, none
+    for a tokenizer without one). The plain template starts with it, as LLaVA's tokenizer_image_token."""
+    bare = tokenizer.encode('a', add_special_tokens=False)
+    full = tokenizer.encode('a', add_special_tokens=True)
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return full[:i]
+    return []
+
+
+def _pieces(conversations: list[dict], tokenizer, template, has_image: bool,
+            generation_prompt: bool) -> Iterator[tuple[list[int], bool]]:
+    """Yields (ids, supervised) pieces of one conversation in order."""
+    tokenizer = _as_tokenizer(tokenizer)
+    name = template if isinstance(template, str) else template.name
+    n_image = sum(t['value'].count(IMAGE_TOKEN) for t in conversations if t['from'] == 'human')
+    if not has_image and n_image:
+        raise ValueError(f'{IMAGE_TOKEN} in the text of a sample without an image')
+    if n_image > 1:
+        raise ValueError(f'{n_image} {IMAGE_TOKEN} tokens; one image per sample is supported')
+
+    if name == 'plain':
+        # Pretraining (facts, section 4): the human turn is replaced by <image> alone; then the
+        # caption and '\n', both supervised.
+        expected = 1 if generation_prompt else 2
+        if len(conversations) != expected:
+            raise ValueError(f'the plain template takes {expected} turn(s) (human, gpt), got {len(conversations)}')
+        yield _bos(tokenizer) + ([IMAGE_TOKEN_INDEX] if has_image else []), False
+        if not generation_prompt:
+            yield _encode(tokenizer, conversations[1]['value']), True
+            yield tokenizer.encode('\n'), True
+        return
+
+    t = model.TEMPLATES[name] if isinstance(template, str) else template
+    yield tokenizer.encode(t.system), False
+    image_pending = has_image and n_image == 0  # LLaVA convention: then the image leads the first human turn
+    for turn in conversations:
+        text = turn['value']
+        if turn['from'] == 'human':
+            if image_pending:
+                text, image_pending = IMAGE_TOKEN + '\n' + text, False
+            yield tokenizer.encode(t.user) + _encode(tokenizer, text) + tokenizer.encode(t.end), False
+        elif turn['from'] == 'gpt':
+            if IMAGE_TOKEN in text:
+                raise ValueError(f'{IMAGE_TOKEN} in a gpt reply')
+            yield tokenizer.encode(t.assistant), False
+            yield tokenizer.encode(text) + tokenizer.encode(t.end), True  # the reply and its end token
+        else:
+            raise ValueError(f'unknown role {turn["from"]!r} (expected "human" or "gpt")')
+    if generation_prompt:
+        yield tokenizer.encode(t.assistant), False
+
+
+def tokenize_conversation(conversations: list[dict], tokenizer, template: str | model.ChatTemplate,
+                          has_image: bool) -> tuple[list[int], list[int]]:
+    """LLaVA turns -> (input_ids, labels), labels = ids on assistant replies and their end tokens,
+    IGNORE_INDEX elsewhere. template: 'plain', 'llama3', 'phi3' or a model.ChatTemplate."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for ids, supervised in _pieces(conversations, tokenizer, template, has_image, generation_prompt=False):
+        input_ids += ids
+        labels += ids if supervised else [IGNORE_INDEX] * len(ids)
+    return input_ids, labels
+
+
+def tokenize_prompt(conversations: list[dict], tokenizer, template: str | model.ChatTemplate,
+                    has_image: bool) -> list[int]:
+    """Prompt ids for generation: the turns so far (ending with a human turn), then the assistant
+    prefix (chat templates) or just [BOS] <image> (plain), tokenized exactly as in training."""
+    if not conversations or conversations[-1]['from'] != 'human':
+        raise ValueError('a prompt ends with a human turn')
+    return [i for ids, _ in _pieces(conversations, tokenizer, template, has_image, generation_prompt=True)
+            for i in ids]
+
+
+def expanded_length(input_ids: list[int], num_image_tokens: int) -> int:
+    """Length the LLM sees: each placeholder becomes num_image_tokens visual tokens."""
+    return len(input_ids) + (num_image_tokens - 1) * input_ids.count(IMAGE_TOKEN_INDEX)
+
+
+def truncate(input_ids: list[int], labels: list[int], max_len: int | None,
+             num_image_tokens: int) -> tuple[list[int], list[int]] | None:
+    """Cuts the end so the expanded length is <= max_len. Returns None (drop the sample) when the
+    cut would fall inside the visual tokens or leave nothing supervised."""
+    if max_len is None or expanded_length(input_ids, num_image_tokens) <= max_len:
+        return input_ids, labels
+    keep, length = 0, 0
+    for token in input_ids:
+        width = num_image_tokens if token == IMAGE_TOKEN_INDEX else 1
+        if length + width > max_len:
+            break
+        keep, length = keep + 1, length + width
+    if IMAGE_TOKEN_INDEX in input_ids[keep:]:
+        return None  # the image does not fit whole
+    if all(label == IGNORE_INDEX for label in labels[:keep]):
+        return None
+    return input_ids[:keep], labels[:keep]
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets. A ConversationDataset turns record i into a training item; subclasses say where the
+# records and images come from (LLaVA files here, the synthetic task in synthetic.py).
+
+def florence_preprocess(images: list[Image.Image], pad_to_square: bool, size: int) -> torch.Tensor:
+    # Imported late: data.py (tokenization, sampler) stays usable without the vision tower.
+    from florence_encoder import preprocess
+    return preprocess(images, pad_to_square=pad_to_square, size=size)
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Item i -> {'id': str, 'input_ids': (L,) long, 'labels': (L,) long,
+    'pixel_values': (3, size, size) float or None, 'has_image': bool}, or None when dropped for length.
+
+    pad_to_square: the recipe (facts, section 5) resizes to a square for pretraining (plain template)
+    and pads to a square with the ImageNet-mean fill for instruction tuning; None picks by template.
+    preprocess(images, pad_to_square=, size=) -> (B, 3, size, size); florence_encoder.preprocess by default."""
+
+    max_warnings = 10  # drop warnings shown per dataset; every drop is counted in self.dropped
+
+    def __init__(self, tokenizer, template: str | model.ChatTemplate, *, num_image_tokens: int = 577,
+                 max_len: int | None = 2048, size: int = 768, pad_to_square: bool | None = None,
+                 preprocess: Callable[..., torch.Tensor] | None = None):
+        name = template if isinstance(template, str) else template.name
+        if isinstance(template, str) and name not in TEMPLATE_NAMES:
+            raise ValueError(f'unknown template {name!r}; expected one of {TEMPLATE_NAMES}')
+        self.tokenizer, self.template, self.template_name = _as_tokenizer(tokenizer), template, name
+        self.num_image_tokens, self.max_len, self.size = num_image_tokens, max_len, size
+        self.pad_to_square = name != 'plain' if pad_to_square is None else pad_to_square
+        self.preprocess = preprocess or florence_preprocess
+        self.dropped = 0  # per process: DataLoader workers count their own
+
+    # --- what a subclass provides
+    def record(self, i: int) -> dict:
+        raise NotImplementedError
+
+    def load_image(self, i: int, record: dict) -> Image.Image | None:
+        raise NotImplementedError
+
+    def where(self, i: int) -> str:
+        return f'[{i}]'
+
+    # --- shared
+    def __getitem__(self, i: int) -> dict | None:
+        record = self.record(i)
+        problems = validate_record(record, self.template_name)
+        if problems:
+            raise DataError(f'{self.where(i)}: ' + '; '.join(problems))
+        has_image = record.get('image') is not None
+        try:
+            ids, labels = tokenize_conversation(record['conversations'], self.tokenizer, self.template, has_image)
+        except ValueError as e:
+            raise DataError(f'{self.where(i)}: {e}') from e
+        kept = truncate(ids, labels, self.max_len, self.num_image_tokens)
+        if kept is None:
+            self._drop(i, ids)
+            return None
+        ids, labels = kept
+        pixel_values = None
+        if has_image:
+            image = self.load_image(i, record).convert('RGB')  # grey, palette, RGBA -> 3 channels
+            pixel_values = self.preprocess([image], pad_to_square=self.pad_to_square, size=self.size)[0]
+        return {'id': str(record.get('id', i)), 'input_ids': torch.tensor(ids, dtype=torch.long),
+                'labels': torch.tensor(labels, dtype=torch.long), 'pixel_values': pixel_values,
+                'has_image': has_image}
+
+    def _drop(self, i: int, ids: list[int]) -> None:
+        self.dropped += 1
+        if self.dropped <= self.max_warnings:
+            more = ' (further drops are counted without a warning)' if self.dropped == self.max_warnings else ''
+            warnings.warn(f'{self.where(i)}: dropped: {expanded_length(ids, self.num_image_tokens)} tokens '
+                          f'> max_len {self.max_len}, and truncation would cut the image or every '
+                          f'supervised token{more}', stacklevel=3)
+
+
+class LLaVADataset(ConversationDataset):
+    """LLaVA JSON (one list) or JSONL (one record per line) with images under image_root.
+
+    JSONL is read lazily: the constructor indexes line offsets, item i reads one line. A JSON list is
+    parsed once. The format is told by the first character ('[' means a JSON list)."""
+
+    def __init__(self, path: str | Path, tokenizer, template, image_root: str | Path | None = None, **kwargs):
+        super().__init__(tokenizer, template, **kwargs)
+        self.path = Path(path)
+        self.image_root = Path(image_root) if image_root is not None else self.path.parent
+        with open(self.path, 'rb') as f:
+            head = f.read(4096).lstrip()
+        self.records: list | None = None
+        if head.startswith(b'['):
+            try:
+                self.records = json.loads(self.path.read_text(encoding='utf-8'))
+            except json.JSONDecodeError as e:
+                raise DataError(f'{self.path}:{e.lineno}: invalid JSON: {e.msg}') from e
+        else:
+            # Byte offset and 1-based line number of every non-blank line (int64 arrays: 16 bytes a record).
+            self.offsets, self.lines = array('q'), array('q')
+            with open(self.path, 'rb') as f:
+                offset = 0
+                for number, line in enumerate(f, start=1):
+                    if line.strip():
+                        self.offsets.append(offset)
+                        self.lines.append(number)
+                    offset += len(line)
+
+    def __len__(self) -> int:
+        return len(self.records) if self.records is not None else len(self.offsets)
+
+    def where(self, i: int) -> str:
+        return f'{self.path}[{i}]' if self.records is not None else f'{self.path}:{self.lines[i]}'
+
+    def record(self, i: int) -> dict:
+        if self.records is not None:
+            return self.records[i]
+        with open(self.path, 'rb') as f:  # opened per read: safe in forked DataLoader workers
+            f.seek(self.offsets[i])
+            line = f.readline()
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f'{self.where(i)}: invalid JSON: {e.msg} (column {e.colno})') from e
+
+    def load_image(self, i: int, record: dict) -> Image.Image:
+        path = self.image_root / record['image']
+        try:
+            image = Image.open(path)
+            image.load()
+        except (OSError, ValueError) as e:
+            raise DataError(f'{self.where(i)}: cannot read image {path}: {e}') from e
+        return image
+
+    def check(self, check_image_files: bool = True) -> list[str]:
+        """Every problem in the file, as 'where: problem' lines (for a `data.py --check`)."""
+        out = []
+        for i in range(len(self)):
+            try:
+                record = self.record(i)
+            except DataError as e:
+                out.append(str(e))
+                continue
+            out += [f'{self.where(i)}: {p}' for p in
+                    validate_record(record, self.template_name, self.image_root, check_image_files)]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching
+
+def collate(batch: list[dict | None], pad_id: int) -> dict:
+    """Right-pads items into a batch; dropped items (None) are left out.
+
+    Returns input_ids (B, T) long (the -200 placeholder kept: the model splices the visual tokens in),
+    labels (B, T) (IGNORE_INDEX on padding), attention_mask (B, T) long, pixel_values (M, 3, S, S)
+    for the M items that have an image in batch order (None when M = 0), has_image (B,) bool, ids.
+    A batch whose items were all dropped has B = 0."""
+    batch = [item for item in batch if item is not None]
+    B = len(batch)
+    T = max((len(item['input_ids']) for item in batch), default=0)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    for row, item in enumerate(batch):
+        n = len(item['input_ids'])
+        input_ids[row, :n] = item['input_ids']
+        labels[row, :n] = item['labels']
+        attention_mask[row, :n] = 1
+    images = [item['pixel_values'] for item in batch if item['has_image']]
+    return {'input_ids': input_ids, 'labels': labels, 'attention_mask': attention_mask,
+            'pixel_values': torch.stack(images) if images else None,
+            'has_image': torch.tensor([item['has_image'] for item in batch], dtype=torch.bool),
+            'ids': [item['id'] for item in batch]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Deterministic distributed sampler that can restart in the middle of an epoch.
+
+    Epoch e uses randperm(n) from seed + e (as torch's DistributedSampler), padded with its own first
+    indices (or trimmed, drop_last) to a multiple of num_replicas; rank r takes every
+    num_replicas-th index starting at r. `position` counts samples consumed in this epoch over all
+    ranks: iteration starts there, so a run restored from state_dict() continues with exactly the
+    indices it would have seen.
+
+    The sampler cannot count consumption itself (DataLoader workers prefetch ahead of the training
+    step): the training loop calls advance(samples_per_rank) after each step it completes."""
+
+    def __init__(self, dataset_or_len, num_replicas: int | None = None, rank: int | None = None,
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+        self.n = dataset_or_len if isinstance(dataset_or_len, int) else len(dataset_or_len)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.num_replicas = num_replicas if num_replicas is not None else (
+            torch.distributed.get_world_size() if distributed else 1)
+        self.rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f'rank {self.rank} outside [0, {self.num_replicas})')
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.epoch, self.position = 0, 0
+        if drop_last and self.n < self.num_replicas:
+            raise ValueError(f'{self.n} samples cannot fill {self.num_replicas} ranks with drop_last')
+
+    def epoch_indices(self) -> list[int]:
+        """All ranks' indices of this epoch, interleaved: rank r takes [r::num_replicas]."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            indices = torch.randperm(self.n, generator=g).tolist()
+        else:
+            indices = list(range(self.n))
+        if self.drop_last:
+            return indices[:self.n - self.n % self.num_replicas]
+        pad = -self.n % self.num_replicas
+        return indices + (indices * (pad // max(self.n, 1) + 1))[:pad]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.epoch_indices()[self.position + self.rank::self.num_replicas])
+
+    def __len__(self) -> int:
+        R = self.num_replicas
+        total = self.n - self.n % R if self.drop_last else -(-self.n // R) * R  # = len(epoch_indices())
+        return len(range(self.position + self.rank, total, R))
+
+    def set_epoch(self, epoch: int) -> None:
+        # A new epoch starts at its beginning; setting the current epoch again (right after
+        # load_state_dict) keeps the restored position.
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def advance(self, samples_per_rank: int) -> None:
+        """Marks samples_per_rank more samples as consumed on every rank."""
+        self.position += samples_per_rank * self.num_replicas
+
+    def state_dict(self) -> dict:
+        return {'seed': self.seed, 'epoch': self.epoch, 'position': self.position,
+                'num_replicas': self.num_replicas}
+
+    def load_state_dict(self, state: dict) -> None:
+        # position is global, so a run may resume on a different number of ranks and still see
+        # each remaining sample of this epoch; only the same number continues bit for bit.
+        self.seed, self.epoch, self.position = state['seed'], state['epoch'], state['position']
