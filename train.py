@@ -1,0 +1,469 @@
+"""Train Florence-VL end to end.
+
+    python train.py                                  # the embedded default: a tiny model learns the synthetic
+    torchrun --nproc_per_node=2 train.py             #   task, stage 1 (pretrain) then stage 2 (finetune)
+    torchrun --nproc_per_node=8 train.py --model jiuhai/florence-vl-3b-pretrain --data llava.json \\
+        --images /data/images --stage finetune --global-batch 1024 --lr 9e-5
+
+One process per GPU (NCCL) or per CPU worker (gloo); multi-node through torchrun's usual variables.
+The loss of a step is normalised by the supervised tokens of the whole step (all micro-steps, all
+ranks), so N GPUs x 1 micro-step and 1 GPU x N micro-steps give the same gradient. Checkpoints are
+written atomically (model in the official layout + optimiser, data position and RNG states);
+`--resume auto` continues from the latest one, exactly.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data import LLaVADataset, ResumableSampler, collate
+from synthetic import PAD_TOKEN, SyntheticDataset, exact_match, synthetic_tokenizer
+from checkpoint import read_weights, save_safetensors
+from fusion import IGNORE_INDEX, FlorenceVL, FlorenceVLConfig
+
+
+STAGES = ("pretrain", "finetune")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to train")
+    g.add_argument("--model", default="tiny", help="'tiny' (the embedded default, random init) or a Florence-VL "
+                                                   "checkpoint folder / hub id")
+    g.add_argument("--florence", help="build from parts: a Florence-2 checkpoint (with --llm) + a fresh projector")
+    g.add_argument("--llm", help="build from parts: a Llama-3.1 / Phi-3.5 checkpoint (with --florence)")
+    g.add_argument("--stage", choices=["pretrain", "finetune", "both"],
+                   help="pretrain: everything trains, plain template, images resized to square; finetune: the "
+                        "tower is frozen, chat template, images padded to square. Default: both on the "
+                        "synthetic task, finetune on --data")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="a LLaVA JSON/JSONL file (default: the embedded synthetic task)")
+    g.add_argument("--images", default=".", help="root folder of the images that --data names")
+    g.add_argument("--max-len", type=int, default=2048, help="max sequence length, visual tokens included")
+    g.add_argument("--synthetic-size", type=int, default=6000, help="training samples of the synthetic task")
+    g.add_argument("--text-only", action="store_true", help="synthetic task without the images: the text-only "
+                                                             "baseline a model must beat")
+    g = p.add_argument_group("optimisation (AdamW, cosine with warm-up, as the official recipe)")
+    g.add_argument("--global-batch", type=int, default=32, help="samples per optimiser step over all ranks")
+    g.add_argument("--micro-batch", type=int, default=16, help="samples per forward/backward on one rank")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: 1e-5, or 2e-3 on the synthetic task)")
+    g.add_argument("--warmup", type=float, default=0.03, help="warm-up share of the steps")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    g.add_argument("--epochs", type=float, default=1.0)
+    g.add_argument("--steps", type=int, help="optimiser steps per stage (overrides --epochs)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("system")
+    g.add_argument("--out", default="runs/default", help="checkpoints, logs and the loss curve go here")
+    g.add_argument("--resume", default="auto", help="'auto' (the latest checkpoint in --out), 'none', or a folder")
+    g.add_argument("--save-every", type=int, default=100, help="optimiser steps between checkpoints")
+    g.add_argument("--keep", type=int, default=2, help="how many step checkpoints to keep")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="autocast dtype: bf16 on CUDA, fp32 on CPU by default")
+    g.add_argument("--compile", action="store_true", help="torch.compile each LLM block")
+    g.add_argument("--activation-checkpointing", action="store_true", help="recompute each LLM block in backward")
+    g.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard per block) instead of DDP")
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--eval-samples", type=int, default=300, help="held-out questions scored at the end (synthetic)")
+    return p.parse_args(argv)
+
+
+# ---- processes -----------------------------------------------------------------------------------------
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python train.py` is a world of one."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available()
+    local = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def all_sum(x: float, device) -> float:
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+class Log:
+    """One line per step on rank 0: the console, and the same as JSONL in --out."""
+
+    def __init__(self, out: Path, rank: int):
+        self.rank, self.path = rank, out / "log.jsonl"
+
+    def __call__(self, msg: str = "", **record):
+        if self.rank:
+            return
+        print(msg, flush=True)
+        if record:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# ---- model and data ------------------------------------------------------------------------------------
+def build_model(args):
+    if args.florence or args.llm:
+        if not (args.florence and args.llm):
+            raise SystemExit("--florence and --llm go together (a Florence-2 and an LLM checkpoint)")
+        return FlorenceVL.from_parts(args.florence, args.llm)
+    if args.model != "tiny":
+        return FlorenceVL.from_pretrained(args.model)
+    tok = synthetic_tokenizer()
+    end = tok.token_to_id("<|end|>")
+    cfg = FlorenceVLConfig.from_name("tiny")
+    cfg.vision.image_size = 128
+    cfg.llm = type(cfg.llm)(**{**cfg.llm.__dict__, "vocab_size": tok.vocab_size, "n_layers": 4, "hidden_size": 128,
+                               "intermediate_size": 384, "n_heads": 4, "n_kv_heads": 2, "head_dim": None,
+                               "eos_token_ids": (end,), "pad_token_id": tok.token_to_id(PAD_TOKEN)})
+    return FlorenceVL(cfg, tok)
+
+
+def build_dataset(args, model, stage, split="train", n=None):
+    template = "plain" if stage == "pretrain" else model.template
+    common = dict(tokenizer=model.tokenizer, template=template, max_len=args.max_len, size=model.cfg.vision.image_size,
+                  num_image_tokens=model.num_visual_tokens, pad_to_square=stage == "finetune")
+    if args.data:
+        return LLaVADataset(args.data, image_root=args.images, **common)
+    return SyntheticDataset(split, n or args.synthetic_size, seed=args.seed, flavour=stage, text_only=args.text_only,
+                            **common)
+
+
+def wrap(model, args, device):
+    """DDP (replicated) or FSDP2 (sharded per LLM block); activation checkpointing and compile per block."""
+    llm = model.llm
+    if args.activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+        llm.layers = torch.nn.ModuleList(checkpoint_wrapper(b) for b in llm.layers)
+    if args.compile:
+        for b in llm.layers:
+            b.compile()
+    if not dist.is_initialized():
+        return model
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for b in llm.layers:
+            fully_shard(b)
+        return fully_shard(model)
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------
+# out/ckpt-2-finetune-000123/  model (official layout: config.json, model.safetensors, ...), optimizer.safetensors,
+#                   rng-rank{r}.safetensors, trainer.json (written last: its presence marks a complete one)
+# out/latest  the name of the newest complete checkpoint
+# A checkpoint is written into out/.tmp-<name> and renamed into place, so a crash mid-save leaves
+# the previous checkpoint untouched and no half-written one under a real name.
+
+def flatten_optimizer(state: dict) -> tuple[dict, dict]:
+    """optimizer.state_dict() -> (tensors for safetensors, the rest as JSON)."""
+    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
+    for idx, s in state["state"].items():
+        meta["state"][str(idx)] = []
+        for k, v in s.items():
+            tensors[f"{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+            meta["state"][str(idx)].append(k)
+    return tensors, meta
+
+
+def unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    return {"param_groups": meta["param_groups"],
+            "state": {int(idx): {k: tensors[f"{idx}.{k}"] for k in keys} for idx, keys in meta["state"].items()}}
+
+
+def rng_state(device) -> dict:
+    out = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def save_checkpoint(out: Path, name: str, model, optimizer, trainer: dict, rank: int, world: int, device, keep: int):
+    final, tmp = out / name, out / f".tmp-{name}"
+    if rank == 0:
+        if tmp.exists():
+            import shutil
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    full = model_state_for_saving(model, optimizer)  # collective under FSDP: every rank takes part
+    save_safetensors(rng_state(device), tmp / f"rng-rank{rank}.safetensors")
+    if rank == 0:
+        raw, opt_state = full
+        raw.save_pretrained(tmp)
+        tensors, meta = flatten_optimizer(opt_state)
+        save_safetensors(tensors, tmp / "optimizer.safetensors")
+    barrier()
+    if rank == 0:
+        (tmp / "trainer.json").write_text(json.dumps({**trainer, "world_size": world, "optimizer": meta}, indent=1))
+        os.replace(tmp, final) if not final.exists() else (_replace_dir(tmp, final))
+        latest = out / "latest.tmp"
+        latest.write_text(name)
+        os.replace(latest, out / "latest")
+        done = sorted(p for p in out.glob("ckpt-*") if (p / "trainer.json").is_file())
+        for old in done[:-keep] if keep > 0 else []:
+            if old.name != name:
+                import shutil
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def _replace_dir(tmp: Path, final: Path):
+    import shutil
+    trash = final.with_name(f".old-{final.name}")
+    os.replace(final, trash)
+    os.replace(tmp, final)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def model_state_for_saving(model, optimizer):
+    """(the plain FlorenceVL, the optimizer state) as rank 0 must write them."""
+    raw = unwrap(model)
+    return raw, optimizer.state_dict()
+
+
+def checkpoint_name(stage: str, step: int) -> str:
+    return f"ckpt-{STAGES.index(stage) + 1}-{stage}-{step:06d}"  # sorts in training order
+
+
+def find_checkpoint(out: Path, resume: str):
+    if resume == "none":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / "trainer.json").is_file():
+            raise SystemExit(f"--resume {resume}: no trainer.json there (not a complete checkpoint)")
+        return path
+    latest = out / "latest"
+    if latest.is_file() and (out / latest.read_text().strip() / "trainer.json").is_file():
+        return out / latest.read_text().strip()
+    done = sorted(p for p in out.glob("ckpt-*") if (p / "trainer.json").is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, model, optimizer, sampler, rank: int, device) -> dict:
+    trainer = json.loads((path / "trainer.json").read_text())
+    loaded = FlorenceVL.from_pretrained(path)
+    unwrap(model).load_state_dict(loaded.state_dict())
+    optimizer.load_state_dict(unflatten_optimizer(read_weights(path / "optimizer.safetensors"), trainer["optimizer"]))
+    sampler.load_state_dict(trainer["sampler"])
+    rng_file = path / f"rng-rank{rank}.safetensors"
+    if rng_file.is_file() and trainer["world_size"] == (dist.get_world_size() if dist.is_initialized() else 1):
+        rng = read_weights(rng_file)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
+    return trainer
+
+
+def unwrap(model):
+    return model.module if isinstance(model, DDP) else model
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ---- the loop ------------------------------------------------------------------------------------------
+def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
+    """Linear warm-up over the first `warmup` share of the steps, then cosine decay to zero."""
+    w = max(1, math.ceil(total * warmup))
+    if step < w:
+        return peak * (step + 1) / w
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
+
+
+def batches(dataset, sampler, micro_batch: int, pad_id: int):
+    """Endless micro-batches of this rank's shard, epoch after epoch (the sampler knows where it is)."""
+    while True:
+        indices = list(iter(sampler))
+        for i in range(0, len(indices) - micro_batch + 1, micro_batch):
+            yield collate([dataset[j] for j in indices[i:i + micro_batch]], pad_id)
+        sampler.set_epoch(sampler.epoch + 1)
+
+
+def train_stage(args, stage, model, device, rank, world, log, history):
+    raw = unwrap(model)
+    raw.set_stage(stage)
+    dataset = build_dataset(args, raw, stage)
+    per_step = args.micro_batch * world
+    if args.global_batch % per_step:
+        raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of micro-batch x ranks = {per_step}")
+    accum = args.global_batch // per_step
+    steps = args.steps or max(1, int(args.epochs * len(dataset) // args.global_batch))
+    peak = args.lr or (2e-3 if not args.data else 1e-5)
+    params = [p for p in raw.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.999), weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    sampler = ResumableSampler(len(dataset), world, rank, seed=args.seed)
+    ddp = wrap(model, args, device)
+    start = 0
+    ckpt = find_checkpoint(Path(args.out), args.resume)
+    if ckpt is not None:
+        saved = json.loads((ckpt / "trainer.json").read_text())
+        if saved["stage"] == stage:
+            trainer = load_checkpoint(ckpt, ddp, optimizer, sampler, rank, device)
+            start = trainer["step"]
+            history[:] = trainer.get("history", [])
+            log(f"resumed {stage} from {ckpt} at step {start}/{steps}")
+        elif STAGES.index(saved["stage"]) > STAGES.index(stage):
+            log(f"skipping {stage}: {ckpt} is already in stage {saved['stage']}")
+            return ddp, True
+    log(f"{stage}: {len(dataset)} samples, {steps} steps of {args.global_batch} (micro-batch {args.micro_batch} x "
+        f"{world} ranks x {accum} accumulation), peak lr {peak:g}, "
+        f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" or (
+        args.dtype == "auto" and device.type == "cuda") else contextlib.nullcontext()
+    stream = batches(dataset, sampler, args.micro_batch, raw.tokenizer.token_to_id(PAD_TOKEN) or 0)
+    t_last, tokens_since = time.time(), 0
+    for step in range(start, steps):
+        micro = [next(stream) for _ in range(accum)]
+        # the step's loss is sum(token losses) / (supervised tokens of the whole step on all ranks)
+        n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        n_global = all_sum(n_local, device)
+        loss_sum = 0.0
+        for i, b in enumerate(micro):
+            sync = i == accum - 1 or not isinstance(ddp, DDP)
+            with (contextlib.nullcontext() if sync else ddp.no_sync()), amp:
+                out = ddp(b["input_ids"].to(device), b["attention_mask"].to(device),
+                          None if b["pixel_values"] is None else b["pixel_values"].to(device), b["labels"].to(device))
+                (out.loss_sum * world / max(n_global, 1)).backward()  # DDP averages over ranks: undo it
+            loss_sum += out.loss_sum.item()
+            tokens_since += int(b["attention_mask"].sum()) + int(b["has_image"].sum()) * (raw.num_visual_tokens - 1)
+        lr = lr_at(step, steps, peak, args.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip).item()
+        loss = all_sum(loss_sum, device) / max(n_global, 1)
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
+            raise SystemExit(f"{stage} step {step}: non-finite loss {loss} / grad norm {grad_norm}; the step was not "
+                             f"applied; the last good checkpoint is in {args.out}")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sampler.advance(args.micro_batch * accum)
+        history.append({"stage": stage, "step": step + 1, "loss": loss})
+        if (step + 1) % args.log_every == 0 or step + 1 == steps or step == start:
+            dt = time.time() - t_last
+            tps = all_sum(tokens_since, device) / dt
+            eta = dt / max(1, (step + 1 - start) if step == start else args.log_every) * (steps - step - 1)
+            log(f"{stage} step {step + 1:5d}/{steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+                f"{tps:,.0f} tok/s | ETA {eta / 60:.1f} min",
+                stage=stage, step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tps)
+            t_last, tokens_since = time.time(), 0
+        if (step + 1) % args.save_every == 0 or step + 1 == steps:
+            save_checkpoint(Path(args.out), checkpoint_name(stage, step + 1), ddp, optimizer,
+                            {"stage": stage, "step": step + 1, "sampler": sampler.state_dict(), "history": history},
+                            rank, world, device, args.keep)
+    return ddp, False
+
+
+# ---- evaluation and the end of a run -------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_synthetic(args, model, device, n: int, batch: int = 32) -> tuple[float, float]:
+    """Held-out exact match of greedy answers to single questions, and the text-only baseline: the
+    training set's most frequent answer to the same question (the best a model can do without the image)."""
+    from data import tokenize_prompt
+    model.eval()
+    held = build_dataset(args, model, "finetune", split="heldout", n=n)
+    held.multi_turn = 0.0
+    train = build_dataset(args, model, "finetune", n=min(args.synthetic_size, 5000))
+    counts = {}
+    for i in range(len(train)):
+        s = train.sample(i)
+        for turn, answer in zip(s.conversations[::2], s.answers):
+            q = turn["value"].replace("<image>\n", "")
+            counts.setdefault(q, {}).setdefault(answer, 0)
+            counts[q][answer] += 1
+    hits = baseline = 0
+    for start in range(0, n, batch):
+        samples = [held.sample(i) for i in range(start, min(n, start + batch))]
+        prompts = [tokenize_prompt(s.conversations[:1], model.tokenizer, model.template, not args.text_only)
+                   for s in samples]
+        T = max(map(len, prompts))
+        ids = torch.full((len(prompts), T), 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(prompts):
+            ids[r, :len(p)], mask[r, :len(p)] = torch.tensor(p), 1
+        pixels = None if args.text_only else torch.stack(
+            [held[i]["pixel_values"] for i in range(start, start + len(samples))])
+        out = model.generate(ids.to(device), mask.to(device), None if pixels is None else pixels.to(device),
+                             max_new_tokens=32)
+        for s, tokens in zip(samples, out):
+            hits += exact_match(model.tokenizer.decode(tokens), s.answers[0])
+            guess = counts.get(s.conversations[0]["value"].replace("<image>\n", ""), {})
+            baseline += bool(guess) and max(guess, key=guess.get) == s.answers[0]
+    model.train()
+    return hits / n, baseline / n
+
+
+def draw_loss_curve(history: list, path: Path):
+    """A plain PNG of loss per step, one colour per stage, drawn with Pillow."""
+    from PIL import Image, ImageDraw
+    if not history:
+        return
+    W, H, m = 800, 400, 50
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    losses = [h["loss"] for h in history]
+    lo, hi = min(losses), max(losses)
+    d.rectangle([m, m // 2, W - m // 2, H - m], outline="black")
+    x = lambda i: m + (W - 1.5 * m) * i / max(1, len(history) - 1)
+    y = lambda v: H - m - (H - 1.5 * m) * (v - lo) / max(hi - lo, 1e-9)
+    colours = {"pretrain": (30, 90, 200), "finetune": (220, 90, 30)}
+    for i in range(1, len(history)):
+        d.line([x(i - 1), y(losses[i - 1]), x(i), y(losses[i])], fill=colours.get(history[i]["stage"], "black"), width=2)
+    d.text((m, H - m + 8), f"step 1 .. {len(history)}   (blue: pretrain, orange: finetune)", fill="black")
+    d.text((4, m // 2), f"{hi:.3f}", fill="black")
+    d.text((4, H - m - 10), f"{lo:.3f}", fill="black")
+    d.text((W // 2 - 40, 6), "training loss", fill="black")
+    img.save(path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    out = Path(args.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    barrier()
+    log = Log(out, rank)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = build_model(args).to(device)
+    if model.tokenizer is None:
+        raise SystemExit("the model has no tokenizer.json; put one in the checkpoint folder")
+    stages = [args.stage] if args.stage in STAGES else list(STAGES) if args.stage == "both" or not args.data \
+        else ["finetune"]
+    log(f"Florence-VL training on {world} x {device.type} | model {args.model} | stages {' -> '.join(stages)} | "
+        f"{model.num_visual_tokens} visual tokens | out {out}")
+    t0, history, wrapped = time.time(), [], model
+    for stage in stages:
+        wrapped, _ = train_stage(args, stage, model, device, rank, world, log, history)
+    log(f"trained in {(time.time() - t0) / 60:.1f} min")
+    if rank == 0:
+        model.save_pretrained(out / "final")
+        draw_loss_curve(history, out / "loss.png")
+        log(f"final model: {out / 'final'} (python sample.py --model {out / 'final'} --image ...) | "
+            f"loss curve: {out / 'loss.png'}")
+        if not args.data and args.eval_samples:
+            acc, base = evaluate_synthetic(args, model, device, args.eval_samples)
+            log(f"held-out exact match: {acc:.1%} on {args.eval_samples} questions | text-only baseline "
+                f"(most frequent training answer to the same question): {base:.1%}",
+                heldout_exact_match=acc, text_only_baseline=base)
+    barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
