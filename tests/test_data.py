@@ -190,6 +190,8 @@ def test_truncation_keeps_the_image_whole_and_drops_what_cannot_be_saved():
     assert truncate(ids, labels, 12, 10) is None                      # nothing supervised would remain
     assert truncate(ids, labels, 10, 10) is None                      # the image would be cut
     assert truncate(ids, labels, None, 10) == (ids, labels)
+    # an image in a later turn that does not fit: dropped, even though a reply before it would fit
+    assert truncate([5, 6, IMAGE_TOKEN_INDEX, 7], [IGNORE_INDEX, 6, IGNORE_INDEX, 7], 5, 10) is None
 
 
 # ----------------------------------------------------------------------------------------------
