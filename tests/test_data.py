@@ -397,3 +397,16 @@ def test_sampler_drives_a_dataloader(llava_dir):
                                          collate_fn=lambda b: collate(b, pad_id=1))
     seen = [i for batch in loader for i in batch['ids']]
     assert sorted(seen) == ['grey', 'rgba', 'text']
+
+
+def test_default_preprocess_is_florences_pad_for_finetune_resize_for_pretrain(tmp_path):
+    from florence_encoder import preprocess
+    Image.new('RGB', (40, 20), (200, 10, 10)).save(tmp_path / 'wide.png')
+    (tmp_path / 'd.json').write_text(json.dumps([{'image': 'wide.png', 'conversations': turns('<image>', 'red')}]))
+    padded = LLaVADataset(tmp_path / 'd.json', TOK, 'phi3', size=32)[0]['pixel_values']
+    resized = LLaVADataset(tmp_path / 'd.json', TOK, 'plain', size=32)[0]['pixel_values']
+    image = Image.open(tmp_path / 'wide.png')
+    assert torch.equal(padded, preprocess([image], pad_to_square=True, size=32)[0])
+    assert torch.equal(resized, preprocess([image], pad_to_square=False, size=32)[0])
+    # finetune: the band above the image is the ImageNet-mean fill, ~0 once normalised
+    assert padded[:, 0, 16].abs().max() < 0.02 and resized[:, 0, 16].abs().min() > 0.5
