@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import tokenizers
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError, check_state_dict, read_weights, resolve, weight_files
+from checkpoint import check_state_dict, read_config, read_weights, resolve, weight_files
 
 # Phi-3.5-mini-instruct LongRoPE rescale factors, one per rotary frequency (48 = head_dim 96 / 2).
 # Written as the shortest decimals that give the released float32 values bit for bit.
@@ -208,7 +208,10 @@ class Rotary(nn.Module):
             self._on_device[key] = self.freqs[which].to(position_ids.device)
         freqs = position_ids[..., None].float() * self._on_device[key]  # (B, T, rot/2)
         angles = torch.cat([freqs, freqs], dim=-1)                       # (B, T, rot)
-        return (angles.cos() * self.scale).to(dtype), (angles.sin() * self.scale).to(dtype)
+        cos, sin = angles.cos(), angles.sin()
+        if self.scale != 1.0:
+            cos, sin = cos * self.scale, sin * self.scale
+        return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -216,10 +219,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half-split convention (pairs i and i + rot/2), which is how HF Llama/Phi-3 weights are laid out."""
     cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
     rot = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+    if rot == x.shape[-1]:
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]  # partial rotary: the rest passes unrotated
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    return torch.cat([x_rot * cos + torch.cat([-x2, x1], dim=-1) * sin, x_pass], dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,12 +253,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, is_causal, cache=None, layer=0, start=0):
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(
-            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        nh, nkv = self.n_heads, self.n_kv_heads
+        qkv = self.qkv_proj(x).view(B, T, nh + 2 * nkv, self.head_dim).transpose(1, 2)  # (B, nh+2nkv, T, hd)
+        qk = apply_rotary(qkv[:, :nh + nkv], cos, sin)  # q and k heads rotated in one go
+        q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]  # (B, nh, T, hd), (B, nkv, T, hd) x2
         if cache is not None:
             k, v = cache.update(layer, start, k, v)                       # (B, nkv, start + T, hd)
         # enable_gqa lets each group of n_heads / n_kv_heads query heads read one k/v head, no copies
@@ -308,10 +311,6 @@ class KVCache(nn.Module):
         self.padded = False     # some slot so far is padding: attention needs an explicit mask
         self.long_rope = False  # the cached keys were rotated with LongRoPE's long factors
 
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
     def reset(self):
         self.valid.zero_()
         self.next_pos.zero_()
@@ -349,8 +348,8 @@ class LLM(nn.Module):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
         B, T = x.shape[:2]
         start = 0 if cache is None else cache.length
-        if cache is not None and start + T > cache.max_len:
-            raise ValueError(f'KV cache holds {cache.max_len} slots; {start} used, {T} more requested')
+        if cache is not None and start + T > cache.k.shape[3]:
+            raise ValueError(f'KV cache holds {cache.k.shape[3]} slots; {start} used, {T} more requested')
         valid = None if attention_mask is None else attention_mask.to(torch.bool)  # (B, T)
         if position_ids is None:
             offset = 0 if cache is None else cache.next_pos[:, None]
@@ -365,7 +364,7 @@ class LLM(nn.Module):
             x = block(x, cos, sin, mask, is_causal, cache, i, start)
         if cache is not None:
             cache.length = start + T
-            cache.next_pos += T if valid is None else valid.sum(1)
+            cache.next_pos.add_(T if valid is None else valid.sum(1))
             cache.long_rope = long
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
@@ -373,14 +372,18 @@ class LLM(nn.Module):
     @staticmethod
     def _attention_mask(valid, B, T, start, cache, device):
         """(attn_mask, is_causal) for SDPA. Queries sit in slots start..start+T-1, keys in 0..start+T-1.
-        Without padding the fast paths apply: is_causal for a first chunk, no mask for one new token."""
+        Fast paths without a mask: a first chunk that is unpadded or only right-padded (causal attention
+        never looks ahead, so trailing pads cannot reach real tokens: the training case), and one new
+        token when no slot so far is padding (the decode step)."""
+        has_pad = valid is not None and not bool(valid.all())
+        right_padded = has_pad and bool((valid[:, 1:] <= valid[:, :-1]).all())  # 1s then 0s per row
         if cache is not None:
             cache.valid[:, start:start + T] = True if valid is None else valid
-            cache.padded = cache.padded or (valid is not None and not bool(valid.all()))
+            cache.padded = cache.padded or has_pad
             padded, key_valid = cache.padded, cache.valid[:, :start + T]
         else:
-            padded, key_valid = valid is not None and not bool(valid.all()), valid
-        if not padded and start == 0:
+            padded, key_valid = has_pad, valid
+        if start == 0 and (not has_pad or right_padded):
             return None, T > 1
         if not padded and T == 1:
             return None, False
@@ -414,7 +417,7 @@ class LLM(nn.Module):
 
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor], what: str = 'LLM state dict'):
         """Load HF-named weights (either family layout), strictly: every key used, every key present."""
-        self._load_hf([dict(sd)], what)  # a shallow copy: loading pops its items
+        self.load_hf_shards([dict(sd)], what)  # a shallow copy: loading pops its items
         return self
 
     @classmethod
@@ -423,7 +426,7 @@ class LLM(nn.Module):
         and filled shard by shard, each tensor becoming the parameter itself: peak memory is the model
         plus one shard. dtype None: the checkpoint's dtype as config.json states it."""
         folder = resolve(path_or_repo_id, allow_patterns=['*.json', '*.safetensors'])
-        hf = json.loads((folder / 'config.json').read_text())
+        hf = read_config(folder)
         cfg = LLMConfig.from_hf_config(hf)
         gen = folder / 'generation_config.json'  # the release lists all its end tokens here
         if gen.is_file():
@@ -434,10 +437,13 @@ class LLM(nn.Module):
             dtype = getattr(torch, str(hf.get('dtype') or hf.get('torch_dtype') or 'float32'))
         with torch.device('meta'):
             model = cls(cfg)
-        model._load_hf((read_weights(f) for f in weight_files(folder)), f'checkpoint {folder}', dtype)
+        model.load_hf_shards((read_weights(f) for f in weight_files(folder)), f'checkpoint {folder}', dtype)
         return model.eval()
 
-    def _load_hf(self, shards, what: str, dtype: torch.dtype | None = None):
+    def load_hf_shards(self, shards, what: str = 'LLM checkpoint', dtype: torch.dtype | None = None):
+        """Load an iterable of HF-named state dicts (shards; each is emptied as it is read), strictly
+        over all of them together. On a meta-built model each tensor becomes the parameter (cast to
+        dtype), so shards can be streamed with one in memory at a time."""
         layout = hf_layout(self.cfg)
         params = dict(self.named_parameters())
         where, expected = {}, {}  # HF name -> (our name, part index); HF name -> shape
