@@ -11,6 +11,16 @@ from davit import DaViT, DaViTConfig
 
 TOL = 1e-4
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a 2-core machine shared by several jobs, two OpenMP threads per process
+    spin against each other and make the many small ops here 10-50x slower (measured)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 CONFIGS = {
     # the tiny preset: 64x64 -> last grid 2x2, smaller than the window 3 (padded)
     "tiny": (DaViTConfig.from_name("tiny"), (2, 3, 64, 64)),

@@ -1,0 +1,543 @@
+"""Florence-2 as Florence-VL's vision encoder: image features V and the prompt-conditioned features V'_k.
+
+    image ──preprocess──> (B, 3, 768, 768) ──DaViT──> (B, C, 24, 24)
+          ──+ 2D position embedding, + temporal embedding (one frame)
+          ──[mean token] ++ [576 grid tokens] ──image_projection, image_proj_norm──> V (B, 577, D)
+    V ++ embed(prompt_k) ──BART encoder──> first 577 outputs = V'_k (B, 577, D),  k = 1..3
+
+Florence-VL uses the outputs of Florence-2's encoder for three task prompts (detailed caption, OCR,
+dense region caption) besides V itself; `multi_prompt_features` computes all four with one DaViT pass.
+Only the encoder half of Florence-2's BART is here: the decoder is not needed for features.
+
+Checkpoints come in two layouts, both loaded strictly by `FlorenceVision.from_pretrained`:
+Microsoft's original remote-code names (`microsoft/Florence-2-*`, also what Florence-VL checkpoints
+hold under their tower) and transformers' native names (`florence-community/Florence-2-*`). The
+mapping tables are at the end of this file.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.checkpoint import checkpoint
+
+import checkpoint as ckpt
+from davit import DaViT, DaViTConfig
+
+ASSETS = Path(__file__).resolve().parent / "assets" / "florence2"
+
+# ----------------------------------------------------------------------------------------------
+# Preprocessing: what Florence-2's image processor does (CLIPImageProcessor, PIL backend), plus
+# LLaVA's pad-to-square used by Florence-VL for instruction tuning.
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def expand_to_square(image: Image.Image, fill=tuple(int(m * 255) for m in IMAGENET_MEAN)) -> Image.Image:
+    """Center the image on a square canvas of its longer side (LLaVA's expand2square)."""
+    w, h = image.size
+    if w == h:
+        return image
+    canvas = Image.new(image.mode, (max(w, h), max(w, h)), fill)
+    canvas.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    return canvas
+
+
+def preprocess(images, pad_to_square: bool = False, size: int = 768) -> torch.Tensor:
+    """PIL images or paths (one or a list) -> float32 pixel values (B, 3, size, size).
+
+    RGB (PIL's convert: alpha is dropped), optional pad to square, PIL bicubic resize to size x size,
+    x/255, ImageNet mean/std. The arithmetic (uint8 -> float64 * 1/255 -> float32, then (x - mean) / std
+    in float32) follows transformers' processor (PIL backend) step by step, so the result is identical."""
+    if isinstance(images, (str, Path, Image.Image)):
+        images = [images]
+    mean, std = np.array(IMAGENET_MEAN, np.float32), np.array(IMAGENET_STD, np.float32)
+    out = []
+    for image in images:
+        if not isinstance(image, Image.Image):
+            image = Image.open(image)
+        image = image.convert("RGB")   # as Florence-VL's data loader does (Florence-2's processor expects RGB)
+        if pad_to_square:
+            image = expand_to_square(image)
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+        x = (np.asarray(image).astype(np.float64) * (1 / 255)).astype(np.float32)  # (S, S, 3)
+        out.append(((x - mean) / std).transpose(2, 0, 1))                          # (3, S, S)
+    return torch.from_numpy(np.stack(out))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and the three task prompts of Florence-VL
+
+TASK_PROMPTS = (
+    "Describe in detail what is shown in the image.",                 # <DETAILED_CAPTION>
+    "What is the text in the image?",                                 # <OCR>
+    "Locate the objects in the image, with their descriptions.",      # <DENSE_REGION_CAPTION>
+)
+
+
+@functools.lru_cache(maxsize=1)
+def florence_tokenizer():
+    """Florence-2's BART tokenizer (adds <s> ... </s>)."""
+    import tokenizers
+    return tokenizers.Tokenizer.from_file(str(ASSETS / "tokenizer.json"))
+
+
+def tokenize_prompts(prompts, pad_id: int = 1) -> torch.Tensor:
+    """(K, L) token ids of the prompts, right-padded with pad_id to the longest."""
+    ids = [e.ids for e in florence_tokenizer().encode_batch(list(prompts))]
+    length = max(len(i) for i in ids)
+    return torch.tensor([i + [pad_id] * (length - len(i)) for i in ids], dtype=torch.long)
+
+
+def prompt_ids() -> torch.Tensor:
+    """(3, 14) ids of TASK_PROMPTS as Florence-VL feeds them: <s> prompt </s>, padded with <pad> = 1."""
+    return tokenize_prompts(TASK_PROMPTS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+@dataclass
+class FlorenceConfig:
+    vision: DaViTConfig = field(default_factory=DaViTConfig)
+    d_model: int = 768                  # BART width = projection_dim of the image features
+    encoder_layers: int = 6
+    encoder_heads: int = 12
+    encoder_ffn_dim: int = 3072
+    vocab_size: int = 51289
+    max_position_embeddings: int = 1024  # BART learned positions (the table has 2 more rows: offset 2)
+    pad_token_id: int = 1
+    scale_embedding: bool = False        # Florence-2 does not scale token embeddings by sqrt(d_model)
+    image_pos_embed_size: int = 50       # rows / columns of the learned 2D position table
+    temporal_embed_size: int = 100       # frames of the cosine temporal table (images use frame 0)
+    image_size: int = 768
+    dropout: float = 0.1                 # BART dropouts (training only)
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.1
+    eps: float = 1e-5
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "FlorenceConfig":
+        if name not in FLORENCE_PRESETS:
+            raise ValueError(f"unknown Florence-2 preset {name!r}; known: {sorted(FLORENCE_PRESETS)}")
+        return replace(FLORENCE_PRESETS[name](), **overrides)
+
+    @classmethod
+    def from_hf_config(cls, config: dict) -> "FlorenceConfig":
+        """Read a Florence-2 config.json: Microsoft's original (`dim_embed`, nested `image_pos_embed`, ...)
+        or transformers' native one (`embed_dim`, `max_position_embeddings`, ...)."""
+        v, t = config["vision_config"], config.get("text_config", {})
+        original = "dim_embed" in v
+        dims = v["dim_embed"] if original else v.get("embed_dim", (128, 256, 512, 1024))
+        base = DaViTConfig()
+        vision = DaViTConfig(
+            dims=tuple(dims),
+            heads=tuple(v.get("num_heads", base.heads)), groups=tuple(v.get("num_groups", base.groups)),
+            depths=tuple(v.get("depths", base.depths)), window=v.get("window_size", base.window),
+            patch_size=tuple(v.get("patch_size", base.patch_size)),
+            patch_stride=tuple(v.get("patch_stride", base.patch_stride)),
+            patch_padding=tuple(v.get("patch_padding", base.patch_padding)),
+            patch_prenorm=tuple(v.get("patch_prenorm", base.patch_prenorm)),
+            in_channels=v.get("in_channels", 3), mlp_ratio=v.get("mlp_ratio", 4.0), qkv_bias=v.get("qkv_bias", True),
+            drop_path_rate=v.get("drop_path_rate", base.drop_path_rate))
+        if original:
+            pos_size = v.get("image_pos_embed", {}).get("max_pos_embeddings", 50)
+            temporal_size = v.get("visual_temporal_embedding", {}).get("max_temporal_embeddings", 100)
+        else:
+            pos_size, temporal_size = v.get("max_position_embeddings", 50), v.get("max_temporal_embeddings", 100)
+        projection_dim = v.get("projection_dim", config.get("projection_dim"))
+        # Missing text fields take BartConfig's defaults, as transformers would.
+        d_model = t.get("d_model", 1024)
+        if projection_dim is not None and projection_dim != d_model:
+            raise ValueError(f"projection_dim {projection_dim} != text d_model {d_model}")
+        if t.get("activation_function", "gelu") != "gelu" or t.get("normalize_before", False) \
+                or t.get("add_final_layer_norm", False):
+            raise ValueError("only the Florence-2 BART variant is supported: gelu, post-LN, no final layer norm")
+        return cls(vision=vision, d_model=d_model, encoder_layers=t.get("encoder_layers", 12),
+                   encoder_heads=t.get("encoder_attention_heads", 16), encoder_ffn_dim=t.get("encoder_ffn_dim", 4096),
+                   vocab_size=t.get("vocab_size", config.get("vocab_size", 50265)),
+                   max_position_embeddings=t.get("max_position_embeddings", 1024),
+                   pad_token_id=t.get("pad_token_id", 1), scale_embedding=t.get("scale_embedding", False),
+                   image_pos_embed_size=pos_size, temporal_embed_size=temporal_size,
+                   dropout=t.get("dropout", 0.1), attention_dropout=t.get("attention_dropout", 0.0),
+                   activation_dropout=t.get("activation_dropout", 0.0))
+
+
+FLORENCE_PRESETS = {   # factories, so that each call gets its own DaViTConfig
+    # base: max_position_embeddings 1024 is BART's default (not checked against the hub config); loading
+    # always reads the checkpoint's config.json, so a preset only matters for random init
+    "base": lambda: FlorenceConfig(DaViTConfig.from_name("base")),
+    "large": lambda: FlorenceConfig(DaViTConfig.from_name("large"), d_model=1024, encoder_layers=12,
+                                    encoder_heads=16, encoder_ffn_dim=4096, max_position_embeddings=4096),
+    "tiny": lambda: FlorenceConfig(DaViTConfig.from_name("tiny"), d_model=32, encoder_layers=2, encoder_heads=2,
+                                   encoder_ffn_dim=64, max_position_embeddings=64, image_size=64,
+                                   dropout=0.0, attention_dropout=0.0, activation_dropout=0.0),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Image features V
+
+class PositionEmbedding2D(nn.Module):
+    """Learned absolute 2D positions: a column table and a row table, concatenated [column, row]."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.row_embeddings = nn.Embedding(size, dim // 2)
+        self.column_embeddings = nn.Embedding(size, dim - dim // 2)
+
+    def forward(self, height: int, width: int) -> torch.Tensor:
+        size = self.row_embeddings.num_embeddings
+        if height > size or width > size:
+            raise ValueError(f"token grid {height}x{width} exceeds the {size}x{size} position table")
+        col = self.column_embeddings.weight[:width]                  # (w, C - C//2)
+        row = self.row_embeddings.weight[:height]                    # (h, C//2)
+        return torch.cat([col[None].expand(height, -1, -1), row[:, None].expand(-1, width, -1)], -1)  # (h, w, C)
+
+
+def cosine_table(frames: int, dim: int) -> torch.Tensor:
+    """(frames, dim) sinusoidal table: sin in even channels, cos in odd ones, frequencies 10000^(-i/(dim/2))."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / half))
+    angles = torch.arange(frames, dtype=torch.float32)[:, None] * freqs[None]
+    table = torch.empty(frames, dim)
+    table[:, 0::2], table[:, 1::2] = angles.sin(), angles.cos()
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# The BART encoder (Florence-2's text encoder, here fed [image tokens ++ prompt tokens])
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x, mask=None):                                 # x: (B, S, D); mask: (B, 1, 1, S) bool
+        B, S, D = x.shape
+        q, k, v = (p(x).view(B, S, self.heads, D // self.heads).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))  # each (B, heads, S, D/heads)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(x.transpose(1, 2).reshape(B, S, D))
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN: x = LN(x + attn(x)); x = LN(x + MLP(x))."""
+
+    def __init__(self, cfg: FlorenceConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.self_attn = SelfAttention(cfg.d_model, cfg.encoder_heads, cfg.attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model, eps=cfg.eps)
+        self.fc1 = nn.Linear(cfg.d_model, cfg.encoder_ffn_dim)
+        self.fc2 = nn.Linear(cfg.encoder_ffn_dim, cfg.d_model)
+        self.final_layer_norm = nn.LayerNorm(cfg.d_model, eps=cfg.eps)
+
+    def forward(self, x, mask=None):
+        drop = functools.partial(F.dropout, p=self.cfg.dropout, training=self.training)
+        x = self.self_attn_layer_norm(x + drop(self.self_attn(x, mask)))
+        h = F.dropout(F.gelu(self.fc1(x)), p=self.cfg.activation_dropout, training=self.training)
+        return self.final_layer_norm(x + drop(self.fc2(h)))
+
+
+class BartEncoder(nn.Module):
+    def __init__(self, cfg: FlorenceConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.grad_checkpointing = False
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
+        self.embed_positions = nn.Embedding(cfg.max_position_embeddings + 2, cfg.d_model)
+        self.layernorm_embedding = nn.LayerNorm(cfg.d_model, eps=cfg.eps)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+
+    def embed(self, input_ids):                                      # (B, L) -> (B, L, D)
+        scale = math.sqrt(self.cfg.d_model) if self.cfg.scale_embedding else 1.0
+        return self.embed_tokens(input_ids) * scale
+
+    def forward(self, inputs_embeds, attention_mask=None):           # (B, S, D), (B, S) 1 = attend
+        S = inputs_embeds.shape[1]
+        if S > self.cfg.max_position_embeddings:
+            raise ValueError(f"{S} encoder positions, the table has {self.cfg.max_position_embeddings}")
+        x = inputs_embeds + self.embed_positions.weight[2:2 + S]     # BART's learned positions start at row 2
+        x = F.dropout(self.layernorm_embedding(x), p=self.cfg.dropout, training=self.training)
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # masks keys only
+        for layer in self.layers:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(layer, x, mask, use_reentrant=False)
+            else:
+                x = layer(x, mask)
+        return x                                                     # (B, S, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tower
+
+class FlorenceVision(nn.Module):
+    """DaViT + image projection + BART encoder: everything of Florence-2 that Florence-VL uses."""
+
+    def __init__(self, cfg: FlorenceConfig):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.vision.dims[-1]
+        self.vision_tower = DaViT(cfg.vision)
+        self.image_pos_embed = PositionEmbedding2D(cfg.image_pos_embed_size, C)
+        self.register_buffer("visual_temporal_embed", cosine_table(cfg.temporal_embed_size, C))
+        self.image_projection = nn.Linear(C, cfg.d_model, bias=False)
+        self.image_proj_norm = nn.LayerNorm(cfg.d_model, eps=cfg.eps)
+        self.encoder = BartEncoder(cfg)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Tokens of V for a cfg.image_size square image: 1 mean token + the last DaViT grid (577 at 768)."""
+        h, w = self.cfg.vision.grid(self.cfg.image_size)
+        return 1 + h * w
+
+    def image_features(self, pixel_values) -> torch.Tensor:
+        """V: (B, 3, H, W) -> (B, 1 + h*w, D)."""
+        x = self.vision_tower(pixel_values)                          # (B, C, h, w)
+        B, C, h, w = x.shape
+        x = x.permute(0, 2, 3, 1) + self.image_pos_embed(h, w)       # (B, h, w, C)
+        x = x.reshape(B, h * w, C) + self.visual_temporal_embed[0]   # an image is a video of one frame
+        # Florence-2's image_feature_source ["spatial_avg_pool", "temporal_avg_pool"]: the mean over space
+        # (one token), then the mean over time of each grid token (itself, for one frame).
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)       # (B, 1 + h*w, C)
+        return self.image_proj_norm(self.image_projection(x))        # (B, 1 + h*w, D)
+
+    def _encode(self, V, input_ids, attention_mask=None):
+        x = torch.cat([V, self.encoder.embed(input_ids).to(V.dtype)], dim=1)  # (B, 1+N+L, D)
+        if attention_mask is not None and attention_mask.shape[1] == input_ids.shape[1]:
+            attention_mask = torch.cat([attention_mask.new_ones(V.shape[:2]), attention_mask], dim=1)
+        return self.encoder(x, attention_mask)
+
+    def encode(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
+        """Encoder last hidden state for [V ++ embedded input_ids]: (B, 1+N+L, D).
+
+        attention_mask: None (everything attended, as Florence-VL does), or (B, L) for the prompt tokens
+        (image tokens are always attended, as in Florence-2), or (B, 1+N+L) for the whole sequence."""
+        return self._encode(self.image_features(pixel_values), input_ids, attention_mask)
+
+    def multi_prompt_features(self, pixel_values, prompt_ids=None, masked=False) -> list:
+        """[V, V'_1, ..., V'_K], each (B, 1+N, D): V'_k = the image-token outputs of the encoder for prompt k.
+
+        One DaViT pass; the B*K (image, prompt) pairs go through the encoder as one batch. By default the
+        three task prompts padded to 14 with pad id 1 and no attention mask, so the pads are attended, as
+        in the official Florence-VL code (its checkpoints were trained on these features). masked=True
+        hides the pads instead. prompt_ids: an optional (K, L) tensor, e.g. a subset for ablations."""
+        V = self.image_features(pixel_values)                        # (B, 1+N, D)
+        if prompt_ids is None:
+            prompt_ids = tokenize_prompts(TASK_PROMPTS, pad_id=self.cfg.pad_token_id)
+        prompt_ids = prompt_ids.to(V.device)
+        (B, T, D), K = V.shape, prompt_ids.shape[0]
+        ids = prompt_ids.repeat(B, 1)                                # (B*K, L), image-major
+        mask = (ids != self.cfg.pad_token_id).long() if masked else None
+        out = self._encode(V.repeat_interleave(K, dim=0), ids, mask)[:, :T]  # (B*K, 1+N, D)
+        out = out.view(B, K, T, D)
+        return [V] + [out[:, k] for k in range(K)]
+
+    # ------------------------------------------------------------------------------------------
+    # Loading
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, dtype=None) -> "FlorenceVision":
+        """A Florence-2 checkpoint folder or hub id, in either layout, loaded strictly (see from_state_dict)."""
+        folder = ckpt.resolve(path_or_repo_id, allow_patterns=["*.json", "*.safetensors", "*.bin"])
+        cfg = FlorenceConfig.from_hf_config(ckpt.read_config(folder))
+        sd = {}
+        for f in ckpt.weight_files(folder):
+            sd.update(ckpt.read_weights(f))
+        return cls.from_state_dict(cfg, sd, dtype=dtype, what=str(path_or_repo_id))
+
+    @classmethod
+    def from_state_dict(cls, cfg: FlorenceConfig, sd: dict, dtype=None, what="checkpoint") -> "FlorenceVision":
+        """Build the tower from a state dict with original, native or our names (detected). The decoder and
+        LM head are skipped; any other missing, unexpected or misshaped key raises CheckpointError listing
+        them. dtype: None = float32. Returned in eval mode."""
+        layout = detect_layout(sd)
+        ours = {"original": from_original_state_dict, "native": from_native_state_dict, "ours": dict}[layout](sd)
+        # a derived buffer: some checkpoints do not store it
+        ours.setdefault("visual_temporal_embed", cosine_table(cfg.temporal_embed_size, cfg.vision.dims[-1]))
+        with torch.device("meta"):                                   # no time spent on a random init
+            model = cls(cfg)
+        ckpt.check_state_dict(ckpt.shapes(model.state_dict()), ckpt.shapes(ours), f"{what} ({layout} names)")
+        dtype = dtype or torch.float32
+        model.load_state_dict({k: v.to(dtype).contiguous() for k, v in ours.items()}, strict=True, assign=True)
+        return model.eval()
+
+    @staticmethod
+    def from_original_state_dict(sd: dict) -> dict:
+        return from_original_state_dict(sd)
+
+    @staticmethod
+    def from_native_state_dict(sd: dict) -> dict:
+        return from_native_state_dict(sd)
+
+    @staticmethod
+    def to_original_state_dict(ours: dict) -> dict:
+        return to_original_state_dict(ours)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint names. Our names are transformers' native ones without the wrappers, so most of a key
+# maps by prefix. Rows ending in "." are prefixes, the others whole keys; the first matching row wins.
+
+#  ours                           Microsoft original                         transformers native
+KEY_TABLE = [
+    ("vision_tower.",                "vision_tower.",                           "model.vision_tower."),
+    ("image_pos_embed.",             "image_pos_embed.",                        "model.multi_modal_projector.image_position_embed."),
+    ("visual_temporal_embed",        "visual_temporal_embed.pos_idx_to_embed",  "model.multi_modal_projector.visual_temporal_embed.pos_idx_to_embed"),
+    ("image_projection.weight",      "image_projection",                        "model.multi_modal_projector.image_projection.weight"),
+    ("image_proj_norm.",             "image_proj_norm.",                        "model.multi_modal_projector.image_proj_norm."),
+    ("encoder.embed_tokens.weight",  "language_model.model.shared.weight",      "model.language_model.shared.weight"),
+    ("encoder.",                     "language_model.model.encoder.",           "model.language_model.encoder."),
+]
+# The original image_projection is a bare (in, out) matrix used as x @ W; ours is nn.Linear's (out, in).
+TRANSPOSED_IN_ORIGINAL = {"image_projection.weight"}
+# Copies of `shared` that checkpoints may or may not hold; used only when `shared` itself is absent.
+TIED = {"original": "language_model.model.encoder.embed_tokens.weight",
+        "native": "model.language_model.encoder.embed_tokens.weight"}
+# Florence-2's decoder and LM head are not part of the tower: skipped by prefix.
+SKIPPED = {"original": ("language_model.model.decoder.", "language_model.lm_head.", "language_model.final_logits_bias"),
+           "native": ("model.language_model.decoder.", "lm_head.")}
+
+# Inside DaViT the original names carry the PreNorm / Residual wrappers of the remote code.
+#  ours (= native)   Microsoft original            ({a}: window_attn in spatial blocks, channel_attn in channel blocks)
+SUBBLOCK_TABLE = [
+    ("conv1",          "conv1.fn.dw"),
+    ("norm1",          "{a}.norm"),
+    ("{a}.qkv",        "{a}.fn.qkv"),
+    ("{a}.proj",       "{a}.fn.proj"),
+    ("conv2",          "conv2.fn.dw"),
+    ("norm2",          "ffn.norm"),
+    ("ffn.fc1",        "ffn.fn.net.fc1"),
+    ("ffn.fc2",        "ffn.fn.net.fc2"),
+]
+PATCH_EMBED_TABLE = [("conv", "proj"), ("norm", "norm")]
+
+_SUBBLOCK_KEY = re.compile(r"^(vision_tower\.blocks\.\d+\.\d+\.(spatial|channel)_block\.)(.+)\.(weight|bias)$")
+_PATCH_KEY = re.compile(r"^(vision_tower\.convs\.\d+\.)(\w+)\.(weight|bias)$")
+
+
+def _rename(key: str, src: int, dst: int):
+    """Map key from column src of KEY_TABLE to column dst; None if no row matches."""
+    for row in KEY_TABLE:
+        a, b = row[src], row[dst]
+        if a.endswith(".") and key.startswith(a):
+            return b + key[len(a):]
+        if key == a:
+            return b
+    return None
+
+
+def _davit_key(key: str, to_original: bool) -> str:
+    """Rename the part of a vision_tower.* key inside a patch embedding or sub-block; others unchanged."""
+    if m := _SUBBLOCK_KEY.match(key):
+        attn = "window_attn" if m.group(2) == "spatial" else "channel_attn"
+        pairs = [(o.format(a=attn), t.format(a=attn)) for o, t in SUBBLOCK_TABLE]
+        table = dict(pairs) if to_original else {t: o for o, t in pairs}
+        if m.group(3) in table:
+            return f"{m.group(1)}{table[m.group(3)]}.{m.group(4)}"
+    elif m := _PATCH_KEY.match(key):
+        table = dict(PATCH_EMBED_TABLE) if to_original else {t: o for o, t in PATCH_EMBED_TABLE}
+        if m.group(2) in table:
+            return f"{m.group(1)}{table[m.group(2)]}.{m.group(3)}"
+    return key
+
+
+def _to_ours(sd: dict, layout: str) -> dict:
+    src = {"original": 1, "native": 2}[layout]
+    out, tied = {}, None
+    for k, v in sd.items():
+        if k.startswith(SKIPPED[layout]):
+            continue
+        if k == TIED[layout]:
+            tied = v
+            continue
+        name = _rename(k, src, 0)
+        if name is None:            # unknown: kept as is, so that the strict check reports it
+            out[k] = v
+            continue
+        if layout == "original" and name.startswith("vision_tower."):
+            name = _davit_key(name, to_original=False)
+        if layout == "original" and name in TRANSPOSED_IN_ORIGINAL:
+            v = v.t()
+        out[name] = v
+    if "encoder.embed_tokens.weight" not in out and tied is not None:
+        out["encoder.embed_tokens.weight"] = tied
+    return out
+
+
+def from_original_state_dict(sd: dict) -> dict:
+    """Microsoft original names (microsoft/Florence-2-*, a Florence-VL tower) -> our names."""
+    return _to_ours(sd, "original")
+
+
+def from_native_state_dict(sd: dict) -> dict:
+    """transformers-native names (florence-community/Florence-2-*) -> our names."""
+    return _to_ours(sd, "native")
+
+
+def to_original_state_dict(ours: dict) -> dict:
+    """Our names -> Microsoft original names (the tower only: no decoder, no LM head)."""
+    out = {}
+    for k, v in ours.items():
+        name = _rename(k, 0, 1)
+        if name is None:
+            raise ckpt.CheckpointError(f"{k!r} is not a FlorenceVision key")
+        if k.startswith("vision_tower."):
+            name = _davit_key(k, to_original=True)
+        out[name] = v.t().contiguous() if k in TRANSPOSED_IN_ORIGINAL else v
+    return out
+
+
+def detect_layout(sd: dict) -> str:
+    if any(k.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for k in sd):
+        return "native"
+    if "image_projection" in sd or any(k.startswith("language_model.") for k in sd):
+        return "original"
+    if "image_projection.weight" in sd or any(k.startswith("encoder.") for k in sd):
+        return "ours"
+    raise ckpt.CheckpointError("cannot tell the layout of this Florence-2 state dict (first keys: "
+                               + ", ".join(list(sd)[:5]) + ")")
+
+
+# ----------------------------------------------------------------------------------------------
+# Demo: python florence_encoder.py --image ../shared/florence2/image.png [--model PATH_OR_HUB_ID]
+
+def main():
+    parser = argparse.ArgumentParser(description="Florence-2 features of one image as Florence-VL uses them: "
+                                                 "V and V'_1..3 (one per task prompt).")
+    parser.add_argument("--image", required=True, help="path of an image file")
+    parser.add_argument("--model", default=None, help="Florence-2 checkpoint: local folder or hub id, original or "
+                                                      "transformers layout (default: the random `tiny` preset)")
+    parser.add_argument("--pad-to-square", action="store_true", help="pad with the ImageNet mean before resizing")
+    args = parser.parse_args()
+
+    if args.model:
+        model = FlorenceVision.from_pretrained(args.model)
+    else:
+        torch.manual_seed(0)
+        model = FlorenceVision(FlorenceConfig.from_name("tiny")).eval()
+    pixels = preprocess(args.image, pad_to_square=args.pad_to_square, size=model.cfg.image_size)
+    with torch.no_grad():
+        features = model.multi_prompt_features(pixels)
+    names = ["V"] + [f"V'_{k + 1}" for k in range(len(TASK_PROMPTS))]
+    prompts = ["(image features)"] + [f"({p!r})" for p in TASK_PROMPTS]
+    print(f"pixel values {tuple(pixels.shape)}, {model.num_image_tokens} image tokens")
+    for name, prompt, f in zip(names, prompts, features):
+        print(f"{name:5s} {str(tuple(f.shape)):16s}" + (f" norm {f.norm():10.3f}" if args.model else "") + f" {prompt}")
+
+
+if __name__ == "__main__":
+    main()
