@@ -293,7 +293,7 @@ class FlorenceVL(nn.Module):
 
         with torch.device("meta"):
             llm = LLM(cfg.llm)
-        llm._load_hf(llm_shards(), f"{folder} (LLM weights)", dtype)
+        llm.load_hf_shards(llm_shards(), f"{folder} (LLM weights)", dtype)
         where = "its weights"
         if not tower_sd:  # the tower lives in its own Florence-2 checkpoint
             tower_folder = _tower_folder(folder, hf, tower)

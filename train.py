@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,6 +31,9 @@ from fusion import IGNORE_INDEX, FlorenceVL, FlorenceVLConfig
 
 
 STAGES = ("pretrain", "finetune")
+# DaViT's depthwise conv weights are (C, 1, 3, 3): their grads come back with stride 1 on the size-1 dim
+# where DDP's bucket has 9. Same memory layout, no copy is made; the warning is noise.
+warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 
 def parse_args(argv=None):
