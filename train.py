@@ -51,7 +51,7 @@ def parse_args(argv=None):
     g.add_argument("--data", help="a LLaVA JSON/JSONL file (default: the embedded synthetic task)")
     g.add_argument("--images", default=".", help="root folder of the images that --data names")
     g.add_argument("--max-len", type=int, default=2048, help="max sequence length, visual tokens included")
-    g.add_argument("--synthetic-size", type=int, default=6000, help="training samples of the synthetic task")
+    g.add_argument("--synthetic-size", type=int, default=19200, help="training samples of the synthetic task")
     g.add_argument("--text-only", action="store_true", help="synthetic task without the images: the text-only "
                                                              "baseline a model must beat")
     g = p.add_argument_group("optimisation (AdamW, cosine with warm-up, as the official recipe)")
