@@ -7,6 +7,7 @@ script observes them from the inside (it dumps the gradients or dies at a chosen
 changing train.py."""
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -49,11 +50,17 @@ WRAPPER = textwrap.dedent("""
 """)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run(tmp_path, args, nproc=1, env=None, check=True):
     script = tmp_path / "wrapped_train.py"
     script.write_text(WRAPPER.format(repo=str(REPO)))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(29500 + os.getpid() % 1000 + nproc)] if nproc > 1 else [sys.executable]
+                "--master_port", str(free_port())] if nproc > 1 else [sys.executable]
     proc = subprocess.run(launcher + [str(script)] + args, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, cwd=tmp_path)
     if check:
