@@ -13,6 +13,7 @@ The synthetic task that the default training run uses lives in synthetic.py.
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from array import array
 from pathlib import Path
@@ -20,7 +21,8 @@ from typing import Callable, Iterator
 
 import torch
 import tokenizers
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 import model
 
@@ -33,6 +35,43 @@ TEMPLATE_NAMES = ('plain', 'llama3', 'phi3')
 
 class DataError(ValueError):
     """A record that cannot be used; the message starts with 'file:line' or 'file[index]'."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Images: the one place where a file becomes an RGB picture (training, --check and sample.py).
+
+def load_image(path: str | Path) -> Image.Image:
+    """An image file -> a fully decoded RGB image, upright (EXIF orientation applied).
+
+    Greyscale, palette, RGBA (alpha dropped, as LLaVA's convert('RGB')), CMYK and 16-bit images are
+    converted; a missing, empty, truncated or corrupt file, or one larger than Image.MAX_IMAGE_PIXELS
+    (a decompression bomb), raises DataError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f'cannot read image {path}: file not found')
+    if path.stat().st_size == 0:
+        raise DataError(f'cannot read image {path}: the file is empty (0 bytes)')
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('error', Image.DecompressionBombWarning)  # over the limit: refuse, not warn
+            with Image.open(path) as image:
+                image.load()  # decode now: truncation shows here, not deep inside a batch
+                image = ImageOps.exif_transpose(image)
+                return _to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f'cannot read image {path}: refused as a possible decompression bomb '
+                        f'(over Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}): {e}') from e
+    except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
+        raise DataError(f'cannot read image {path}: {e}') from e
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ('I;16', 'I;16B', 'I;16L', 'I'):  # 16-bit greyscale: scale to 8 bits (convert() clips)
+        a = np.asarray(image).astype(np.float64)
+        image = Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), 'L')
+    elif image.mode == 'F':
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), 'L')
+    return image.convert('RGB')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,6 +95,8 @@ def validate_record(record, template: str | None = None, image_root: str | Path 
         if not (isinstance(turn, dict) and turn.get('from') in ROLES and isinstance(turn.get('value'), str)):
             problems.append(f'turn {j}: expected {{"from": "human"|"gpt", "value": str}}, got {turn!r:.80}')
             continue
+        if not turn['value'].strip():
+            problems.append(f'turn {j}: empty {turn["from"]} turn')
         expected = ROLES[j % 2]
         if turn['from'] != expected:
             problems.append(f'turn {j}: from {turn["from"]!r}, expected {expected!r} '
@@ -76,7 +117,23 @@ def validate_record(record, template: str | None = None, image_root: str | Path 
         path = Path(image_root or '.') / image
         if not path.is_file():
             problems.append(f'image file not found: {path}')
+        else:
+            try:
+                load_image(path)  # decoded in full: empty, truncated, corrupt, too large
+            except DataError as e:
+                problems.append(str(e))
     return problems
+
+
+def record_warnings(record) -> list[str]:
+    """What is usable but probably not meant (reported by --check, not an error)."""
+    if not isinstance(record, dict) or not isinstance(record.get('conversations'), list):
+        return []
+    text = ''.join(t.get('value', '') for t in record['conversations'] if isinstance(t, dict)
+                   and isinstance(t.get('value'), str))
+    if record.get('image') is not None and IMAGE_TOKEN not in text:
+        return [f'an image but no {IMAGE_TOKEN} in the text: it is put before the first human turn']
+    return []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,7 +320,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         ids, labels = kept
         pixel_values = None
         if has_image:
-            image = self.load_image(i, record).convert('RGB')  # grey, palette, RGBA -> 3 channels
+            image = self.load_image(i, record).convert('RGB')  # (load_image already gives RGB; a subclass may not)
             pixel_values = self.preprocess([image], pad_to_square=self.pad_to_square, size=self.size)[0]
         return {'id': str(record.get('id', i)), 'input_ids': torch.tensor(ids, dtype=torch.long),
                 'labels': torch.tensor(labels, dtype=torch.long), 'pixel_values': pixel_values,
@@ -292,10 +349,17 @@ class LLaVADataset(ConversationDataset):
             head = f.read(4096).lstrip()
         self.records: list | None = None
         if head.startswith(b'['):
+            raw = self.path.read_bytes()
             try:
-                self.records = json.loads(self.path.read_text(encoding='utf-8'))
+                self.records = json.loads(raw.decode('utf-8'))
+            except UnicodeDecodeError as e:
+                line = raw.count(b'\n', 0, e.start) + 1
+                raise DataError(f'{self.path}:{line}: not UTF-8 text '
+                                f'(byte {raw[e.start]:#x} at offset {e.start})') from e
             except json.JSONDecodeError as e:
                 raise DataError(f'{self.path}:{e.lineno}: invalid JSON: {e.msg}') from e
+            if not isinstance(self.records, list):
+                raise DataError(f'{self.path}: expected a JSON list of records')
         else:
             # Byte offset and 1-based line number of every non-blank line (int64 arrays: 16 bytes a record).
             self.offsets, self.lines = array('q'), array('q')
@@ -320,21 +384,21 @@ class LLaVADataset(ConversationDataset):
             f.seek(self.offsets[i])
             line = f.readline()
         try:
-            return json.loads(line)
+            return json.loads(line.decode('utf-8'))
+        except UnicodeDecodeError as e:
+            raise DataError(f'{self.where(i)}: not UTF-8 text (byte {line[e.start]:#x} at column {e.start + 1})') from e
         except json.JSONDecodeError as e:
             raise DataError(f'{self.where(i)}: invalid JSON: {e.msg} (column {e.colno})') from e
 
     def load_image(self, i: int, record: dict) -> Image.Image:
-        path = self.image_root / record['image']
         try:
-            image = Image.open(path)
-            image.load()
-        except (OSError, ValueError) as e:
-            raise DataError(f'{self.where(i)}: cannot read image {path}: {e}') from e
-        return image
+            return load_image(self.image_root / record['image'])
+        except DataError as e:
+            raise DataError(f'{self.where(i)}: {e}') from e
 
-    def check(self, check_image_files: bool = True) -> list[str]:
-        """Every problem in the file, as 'where: problem' lines (for a `data.py --check`)."""
+    def check(self, check_image_files: bool = True, warnings_out: list | None = None) -> list[str]:
+        """Every problem in the file, as 'where: problem' lines (for `data.py --check`); images are
+        decoded in full. Warnings (usable but odd records) go to warnings_out when given."""
         out = []
         for i in range(len(self)):
             try:
@@ -344,6 +408,8 @@ class LLaVADataset(ConversationDataset):
                 continue
             out += [f'{self.where(i)}: {p}' for p in
                     validate_record(record, self.template_name, self.image_root, check_image_files)]
+            if warnings_out is not None:
+                warnings_out += [f'{self.where(i)}: warning: {w}' for w in record_warnings(record)]
         return out
 
 
@@ -442,3 +508,35 @@ class ResumableSampler(torch.utils.data.Sampler):
         # position is global, so a run may resume on a different number of ranks and still see
         # each remaining sample of this epoch; only the same number continues bit for bit.
         self.seed, self.epoch, self.position = state['seed'], state['epoch'], state['position']
+
+
+# ----------------------------------------------------------------------------------------------
+# python data.py --check data.json --images root/
+
+def main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(description='Validate a LLaVA JSON/JSONL file and its images up front: every '
+                                'problem is printed with its line (JSONL) or index (JSON list). Exit 1 if any.')
+    p.add_argument('--check', required=True, metavar='DATA', help='the LLaVA JSON/JSONL file')
+    p.add_argument('--images', help='root folder of the images (default: the folder of the data file)')
+    p.add_argument('--template', default='llama3', choices=TEMPLATE_NAMES,
+                   help="the template it will be trained with ('plain' for pretraining: one human + one gpt turn)")
+    p.add_argument('--no-images', action='store_true', help='do not open the image files')
+    args = p.parse_args(argv)
+    try:
+        dataset = LLaVADataset(args.check, None, args.template, image_root=args.images)
+    except (DataError, OSError) as e:
+        print(f'{e}\n1 problem: the file cannot be read', file=sys.stderr)
+        return 1
+    notes: list[str] = []
+    problems = dataset.check(check_image_files=not args.no_images, warnings_out=notes)
+    for line in problems + notes:
+        print(line)
+    bad = len({line.split(': ', 1)[0] for line in problems})
+    print(f'{dataset.path}: {len(dataset)} records, {len(problems)} problem(s) in {bad} record(s), '
+          f'{len(notes)} warning(s)')
+    return 1 if problems else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

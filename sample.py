@@ -8,9 +8,7 @@ import argparse
 import sys
 
 import torch
-from PIL import Image
-
-from data import IMAGE_TOKEN, tokenize_prompt
+from data import IMAGE_TOKEN, DataError, load_image, tokenize_prompt
 from florence_encoder import preprocess
 from fusion import FlorenceVL
 from generate import stream_text
@@ -61,10 +59,9 @@ def main(argv=None):
     pixel_values = None
     if args.image:
         try:
-            image = Image.open(args.image)
-            image.load()
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"cannot read image {args.image}: {e}")
+            image = load_image(args.image)  # RGB, upright; a bad file is named
+        except DataError as e:
+            raise SystemExit(str(e))
         pixel_values = preprocess([image], pad_to_square=model.cfg.image_aspect_ratio == "pad",
                                   size=model.cfg.vision.image_size).to(args.device, dtype)
     conversations = []
