@@ -8,18 +8,10 @@ from transformers import Florence2VisionConfig
 from transformers.models.florence2.modeling_florence2 import Florence2VisionBackbone
 
 from davit import DaViT, DaViTConfig
+from helpers import randomize_
 
 TOL = 1e-4
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a 2-core machine shared by several jobs, two OpenMP threads per process
-    spin against each other and make the many small ops here 10-50x slower (measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 CONFIGS = {
     # the tiny preset: 64x64 -> last grid 2x2, smaller than the window 3 (padded)
@@ -38,19 +30,6 @@ def hf_vision_config(cfg: DaViTConfig) -> Florence2VisionConfig:
                               patch_prenorm=list(cfg.patch_prenorm), drop_path_rate=cfg.drop_path_rate)
     c._attn_implementation = "eager"
     return c
-
-
-@torch.no_grad()
-def randomize_(model):
-    """Move every weight away from its init so that a wrong mapping cannot hide behind ones and zeros:
-    LayerNorms around 1 / 0, biases and embeddings random, matrices ~ N(0, 1/fan_in)."""
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(p))
-        elif p.ndim == 1:
-            p.copy_(0.1 * torch.randn_like(p))
-        else:
-            p.copy_(torch.randn_like(p) * p[0].numel() ** -0.5)
 
 
 def build_pair(name):

@@ -26,22 +26,13 @@ import checkpoint as ckpt
 from davit import DaViTConfig
 from florence_encoder import (FlorenceConfig, FlorenceVision, TASK_PROMPTS, florence_tokenizer, preprocess,
                               prompt_ids, to_original_state_dict, tokenize_prompts)
+from helpers import randomize_
 
 TOL = 1e-4
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "florence2"
 IMAGE_TOKEN = 51289          # transformers' placeholder id; the vocab gets one extra row for it
 VOCAB = 51290
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a 2-core machine shared by several jobs, two OpenMP threads per process
-    spin against each other and make the many small ops here 10-50x slower (measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,21 +52,6 @@ def hf_config(cfg: FlorenceConfig, decoder_layers=1) -> Florence2Config:
                 dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
                 activation_dropout=cfg.activation_dropout)
     return Florence2Config(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
-
-
-@torch.no_grad()
-def randomize_(model):
-    """LayerNorms around 1 / 0, biases random, embeddings N(0, 0.25), matrices N(0, 1/fan_in): no weight
-    keeps its default, so a wrong or missing mapping cannot hide."""
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(p))
-        elif p.ndim == 1:
-            p.copy_(0.1 * torch.randn_like(p))
-        elif "embed" in name or "shared" in name:
-            p.copy_(0.5 * torch.randn_like(p))
-        else:
-            p.copy_(torch.randn_like(p) * p[0].numel() ** -0.5)
 
 
 ODD = FlorenceConfig(   # heads 3 and 6, a first grid 16x24 that window 5 does not divide, last grid 2x3

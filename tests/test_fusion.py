@@ -34,6 +34,7 @@ from data import tokenize_prompt  # noqa: E402
 from florence_encoder import preprocess  # noqa: E402
 from fusion import IGNORE_INDEX, IMAGE_TOKEN_INDEX, DBFusion, FlorenceVL, FlorenceVLConfig  # noqa: E402
 from synthetic import synthetic_tokenizer  # noqa: E402
+from helpers import randomize_
 
 TOL = 1e-4
 FLORENCE_VOCAB = 51290          # Florence-2's 51289 + transformers' image placeholder
@@ -95,20 +96,6 @@ def llm_hf_model(family: str):
             else:
                 p.normal_(0, 2 / p.shape[1] ** 0.5)
     return model
-
-
-@torch.no_grad()
-def randomize_florence_(model):
-    """LayerNorms around 1 / 0, biases random, embeddings N(0, 0.25), matrices N(0, 1/fan_in)."""
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(p))
-        elif p.ndim == 1:
-            p.copy_(0.1 * torch.randn_like(p))
-        elif "embed" in name or "shared" in name:
-            p.copy_(0.5 * torch.randn_like(p))
-        else:
-            p.copy_(torch.randn_like(p) * p[0].numel() ** -0.5)
 
 
 def projector_weights(in_dim: int, hidden: int, seed: int = 2) -> dict:
@@ -219,7 +206,7 @@ def reference_forward(llm, features, proj, batch, order=(0, 1, 2, 3)):
 def florence(tmp_path_factory):
     torch.manual_seed(0)
     model = Florence2ForConditionalGeneration._from_config(florence_hf_config(), attn_implementation="eager").eval()
-    randomize_florence_(model)
+    randomize_(model)
     folder = tmp_path_factory.mktemp("florence2")
     model.save_pretrained(folder)
     pixels = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(3))
