@@ -10,12 +10,21 @@ The loss of a step is normalised by the supervised tokens of the whole step (all
 ranks), so N GPUs x 1 micro-step and 1 GPU x N micro-steps give the same gradient. Checkpoints are
 written atomically (model in the official layout + optimiser, data position and RNG states);
 `--resume auto` continues from the latest one, exactly.
+
+Faults: a sample that cannot be read (DataError: bad record, bad image) is skipped and counted in the
+log (`--strict`: the run stops naming it). A step with a non-finite loss or gradient norm is not
+applied: the run stops naming the step and the sample ids (`--skip-nonfinite N`: up to N such steps
+are skipped). SIGINT/SIGTERM: the current step finishes, a checkpoint is written, and the process exits
+with 128 + the signal number (130 / 143); all ranks agree on stopping; `--resume auto` continues
+exactly. A second signal stops at once. Impossible settings are rejected before any work starts.
 """
 import argparse
 import contextlib
 import json
 import math
+import sys
 import os
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -24,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import LLaVADataset, ResumableSampler, collate
+from data import DataError, LLaVADataset, ResumableSampler, collate
 from synthetic import PAD_TOKEN, SyntheticDataset, exact_match, synthetic_tokenizer
 from checkpoint import read_weights, save_safetensors
 from fusion import IGNORE_INDEX, FlorenceVL, FlorenceVLConfig
@@ -76,7 +85,63 @@ def parse_args(argv=None):
     g.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard per block) instead of DDP")
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--eval-samples", type=int, default=300, help="held-out questions scored at the end (synthetic)")
+    g = p.add_argument_group("faults")
+    g.add_argument("--strict", action="store_true", help="stop at the first sample that cannot be read "
+                                                         "(default: skip it and count it in the log)")
+    g.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
+                   help="skip up to N steps with a non-finite loss or gradient (default 0: stop at the first)")
     return p.parse_args(argv)
+
+
+def cpu_supports_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def check_args(args, world: int, device):
+    """Rejects impossible settings before any work starts (SystemExit with the reason)."""
+    problems = []
+    if min(args.global_batch, args.micro_batch) < 1 or (args.steps is not None and args.steps < 1):
+        problems.append("--global-batch, --micro-batch and --steps must be positive")
+    elif args.global_batch % (args.micro_batch * world):
+        problems.append(f"--global-batch {args.global_batch} is not a multiple of micro-batch x ranks = "
+                        f"{args.micro_batch} x {world} = {args.micro_batch * world}")
+    if bool(args.florence) != bool(args.llm):
+        problems.append("--florence and --llm go together (a Florence-2 and an LLM checkpoint)")
+    if (args.florence or args.llm) and args.stage == "finetune":
+        problems.append("--stage finetune from --florence/--llm parts: the projector would be untrained; "
+                        "pretrain first (--stage pretrain or both), or give a pretrained --model")
+    if args.dtype == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
+        problems.append("--dtype bf16: this CPU has no bf16 support; use --dtype fp32")
+    if args.resume not in ("auto", "none") and not (Path(args.resume) / "trainer.json").is_file():
+        problems.append(f"--resume {args.resume}: no trainer.json there (not a complete checkpoint)")
+    if args.data and not Path(args.data).is_file():
+        problems.append(f"--data {args.data}: no such file")
+    if args.data and not Path(args.images).is_dir():
+        problems.append(f"--images {args.images}: no such folder")
+    if args.skip_nonfinite < 0 or args.save_every < 1:
+        problems.append("--skip-nonfinite must be >= 0 and --save-every >= 1")
+    if problems:
+        raise SystemExit("train.py: " + "\n  ".join(["impossible settings:", *problems]))
+
+
+# ---- signals: finish the step, save, exit --------------------------------------------------------------
+STOP = {"signal": 0}
+
+
+def _on_signal(signum, frame):
+    if STOP["signal"]:  # a second signal: stop now
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    STOP["signal"] = signum
+
+
+def install_signal_handlers():
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, _on_signal)
+
+
+class Interrupted(Exception):
+    """A signal stopped training after a checkpoint was written."""
 
 
 # ---- processes -----------------------------------------------------------------------------------------
@@ -288,23 +353,42 @@ def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
 
 
-def batches(dataset, sampler, micro_batch: int, pad_id: int):
-    """Endless micro-batches of this rank's shard, epoch after epoch (the sampler knows where it is)."""
+def batches(dataset, sampler, micro_batch: int, pad_id: int, bad: list | None = None, strict: bool = False):
+    """Endless micro-batches of this rank's shard, epoch after epoch (the sampler knows where it is).
+    A sample that raises DataError is left out and its message appended to `bad` (strict: stop)."""
+    bad = [] if bad is None else bad
     while True:
         indices = list(iter(sampler))
         for i in range(0, len(indices) - micro_batch + 1, micro_batch):
-            yield collate([dataset[j] for j in indices[i:i + micro_batch]], pad_id)
+            items = []
+            for j in indices[i:i + micro_batch]:
+                try:
+                    items.append(dataset[j])
+                except DataError as e:
+                    if strict:
+                        raise SystemExit(f"bad sample (--strict): {e}") from e
+                    bad.append(str(e))
+                    if len(bad) <= 10:
+                        print(f"skipped bad sample: {e}" + (" (further ones are only counted)" if len(bad) == 10
+                                                            else ""), file=sys.stderr, flush=True)
+            yield collate(items, pad_id)
         sampler.set_epoch(sampler.epoch + 1)
+
+
+def gather_ids(micro: list) -> list:
+    ids = [i for b in micro for i in b["ids"]]
+    if dist.is_initialized():
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, ids)
+        ids = [i for rank_ids in every for i in rank_ids]
+    return ids
 
 
 def train_stage(args, stage, model, device, rank, world, log, history):
     raw = unwrap(model)
     raw.set_stage(stage)
     dataset = build_dataset(args, raw, stage)
-    per_step = args.micro_batch * world
-    if args.global_batch % per_step:
-        raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of micro-batch x ranks = {per_step}")
-    accum = args.global_batch // per_step
+    accum = args.global_batch // (args.micro_batch * world)  # divisible: check_args
     steps = args.steps or max(1, int(args.epochs * len(dataset) // args.global_batch))
     peak = args.lr or (2e-3 if not args.data else 1e-5)
     params = [p for p in raw.parameters() if p.requires_grad]
@@ -312,13 +396,14 @@ def train_stage(args, stage, model, device, rank, world, log, history):
                                   fused=device.type == "cuda")
     sampler = ResumableSampler(len(dataset), world, rank, seed=args.seed)
     ddp = wrap(model, args, device)
-    start = 0
+    start, faults = 0, {"bad_samples": 0, "nonfinite_steps": 0}
     ckpt = find_checkpoint(Path(args.out), args.resume)
     if ckpt is not None:
         saved = json.loads((ckpt / "trainer.json").read_text())
         if saved["stage"] == stage:
             trainer = load_checkpoint(ckpt, ddp, optimizer, sampler, rank, device)
             start = trainer["step"]
+            faults.update(trainer.get("faults", {}))
             history[:] = trainer.get("history", [])
             log(f"resumed {stage} from {ckpt} at step {start}/{steps}")
         elif STAGES.index(saved["stage"]) > STAGES.index(stage):
@@ -329,9 +414,13 @@ def train_stage(args, stage, model, device, rank, world, log, history):
         f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" or (
         args.dtype == "auto" and device.type == "cuda") else contextlib.nullcontext()
-    stream = batches(dataset, sampler, args.micro_batch, raw.tokenizer.token_to_id(PAD_TOKEN) or 0)
+    bad = []  # this rank's bad samples since the last log line
+    stream = batches(dataset, sampler, args.micro_batch, raw.tokenizer.token_to_id(PAD_TOKEN) or 0, bad, args.strict)
+    fail_at = os.environ.get("TRAIN_FAIL_AT")  # test hook "rank:step": that rank raises at that step
     t_last, tokens_since = time.time(), 0
     for step in range(start, steps):
+        if fail_at and fail_at == f"{rank}:{step + 1}":
+            raise RuntimeError(f"forced failure (TRAIN_FAIL_AT={fail_at}) on rank {rank} at step {step + 1}")
         micro = [next(stream) for _ in range(accum)]
         # the step's loss is sum(token losses) / (supervised tokens of the whole step on all ranks)
         n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
@@ -350,25 +439,43 @@ def train_stage(args, stage, model, device, rank, world, log, history):
             group["lr"] = lr
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip).item()
         loss = all_sum(loss_sum, device) / max(n_global, 1)
-        if not math.isfinite(loss) or not math.isfinite(grad_norm):
-            raise SystemExit(f"{stage} step {step}: non-finite loss {loss} / grad norm {grad_norm}; the step was not "
-                             f"applied; the last good checkpoint is in {args.out}")
-        optimizer.step()
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)  # both all-reduced: every rank agrees
+        if finite:
+            optimizer.step()
+        else:
+            faults["nonfinite_steps"] += 1
+            what = (f"{stage} step {step + 1}: non-finite loss {loss} / grad norm {grad_norm} on samples "
+                    f"{gather_ids(micro)}; the step was not applied")
+            if faults["nonfinite_steps"] > args.skip_nonfinite:
+                raise SystemExit(f"{what}; stopping ({faults['nonfinite_steps']} such step(s), --skip-nonfinite "
+                                 f"{args.skip_nonfinite}); the last good checkpoint is in {args.out}")
+            log(f"{what}; skipped ({faults['nonfinite_steps']} of --skip-nonfinite {args.skip_nonfinite})",
+                stage=stage, step=step + 1, nonfinite_skipped=faults["nonfinite_steps"], ids=gather_ids(micro))
         optimizer.zero_grad(set_to_none=True)
         sampler.advance(args.micro_batch * accum)
-        history.append({"stage": stage, "step": step + 1, "loss": loss})
-        if (step + 1) % args.log_every == 0 or step + 1 == steps or step == start:
+        if finite:
+            history.append({"stage": stage, "step": step + 1, "loss": loss})
+        n_bad = int(all_sum(len(bad), device))
+        faults["bad_samples"] += n_bad
+        bad.clear()
+        if finite and ((step + 1) % args.log_every == 0 or step + 1 == steps or step == start):
             dt = time.time() - t_last
             tps = all_sum(tokens_since, device) / dt
             eta = dt / max(1, (step + 1 - start) if step == start else args.log_every) * (steps - step - 1)
             log(f"{stage} step {step + 1:5d}/{steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
-                f"{tps:,.0f} tok/s | ETA {eta / 60:.1f} min",
-                stage=stage, step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tps)
+                f"{tps:,.0f} tok/s | ETA {eta / 60:.1f} min | bad samples skipped {faults['bad_samples']}",
+                stage=stage, step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tps,
+                bad_samples=faults["bad_samples"])
             t_last, tokens_since = time.time(), 0
-        if (step + 1) % args.save_every == 0 or step + 1 == steps:
+        stop = all_sum(float(STOP["signal"] > 0), device) > 0  # every rank agrees
+        if (step + 1) % args.save_every == 0 or step + 1 == steps or stop:
             save_checkpoint(Path(args.out), checkpoint_name(stage, step + 1), ddp, optimizer,
-                            {"stage": stage, "step": step + 1, "sampler": sampler.state_dict(), "history": history},
-                            rank, world, device, args.keep)
+                            {"stage": stage, "step": step + 1, "sampler": sampler.state_dict(), "history": history,
+                             "faults": faults}, rank, world, device, args.keep)
+        if stop:
+            log(f"stopped by a signal after {stage} step {step + 1}: checkpoint {checkpoint_name(stage, step + 1)} "
+                f"written in {args.out}; continue with --resume auto")
+            raise Interrupted()
     return ddp, False
 
 
@@ -436,7 +543,9 @@ def draw_loss_curve(history: list, path: Path):
 
 def main(argv=None):
     args = parse_args(argv)
+    install_signal_handlers()
     rank, world, device = setup_distributed()
+    check_args(args, world, device)
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -451,8 +560,13 @@ def main(argv=None):
     log(f"Florence-VL training on {world} x {device.type} | model {args.model} | stages {' -> '.join(stages)} | "
         f"{model.num_visual_tokens} visual tokens | out {out}")
     t0, history, wrapped = time.time(), [], model
-    for stage in stages:
-        wrapped, _ = train_stage(args, stage, model, device, rank, world, log, history)
+    try:
+        for stage in stages:
+            wrapped, _ = train_stage(args, stage, model, device, rank, world, log, history)
+    except Interrupted:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(128 + (STOP["signal"] or signal.SIGTERM))
     log(f"trained in {(time.time() - t0) / 60:.1f} min")
     if rank == 0:
         model.save_pretrained(out / "final")

@@ -150,3 +150,137 @@ def test_check_cli_lists_every_problem_with_its_line(tmp_path):
     (tmp_path / "bad.json").write_bytes(b'[\n{"id": "a",\n "x": "caf\xe9"}]')
     with pytest.raises(DataError, match=r"bad\.json:3: not UTF-8"):
         data.LLaVADataset(tmp_path / "bad.json", None, "phi3")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: bad samples, non-finite steps, command line (in-process: train.main on the tiny model)
+
+import train  # noqa: E402
+from checkpoint import read_weights  # noqa: E402
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    monkeypatch.setattr(train, "install_signal_handlers", lambda: None)  # leave pytest's SIGINT alone
+    monkeypatch.setitem(train.STOP, "signal", 0)
+    torch.set_num_threads(1)
+
+
+def log_records(out: Path) -> list:
+    return [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_bad_samples_are_skipped_and_counted_or_stop_with_strict(tmp_path, in_process, capsys):
+    write_images(tmp_path / "img")
+    good = [{"id": f"g{i}", "image": "rgb.jpg", "conversations": turns("<image>\nwhat is the word ?", "cat")}
+            for i in range(9)]
+    bad = [{"id": "b1", "image": "truncated.png", "conversations": turns("<image>\nwhat ?", "cat")},
+           {"id": "b2", "image": "missing.png", "conversations": turns("<image>\nwhat ?", "cat")}]
+    lines = [json.dumps(r) for r in good[:4] + bad[:1] + good[4:8] + bad[1:] + good[8:]] + ['{"id": "b3", oops']
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")  # 12 records; bad on lines 5, 10, 12
+    argv = ["--data", str(tmp_path / "d.jsonl"), "--images", str(tmp_path / "img"), "--steps", "2",
+            "--global-batch", "8", "--micro-batch", "4", "--log-every", "1", "--eval-samples", "0", "--resume", "none"]
+    train.main(argv + ["--out", str(tmp_path / "run")])  # does not crash
+    err = capsys.readouterr().err
+    for where in ("d.jsonl:5: cannot read image", "d.jsonl:10: cannot read image", "d.jsonl:12: invalid JSON"):
+        assert f"skipped bad sample: {tmp_path / where}" in err, err
+    n = err.count("skipped bad sample:")
+    recs = [r for r in log_records(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in recs] == [1, 2] and recs[-1]["bad_samples"] == n >= 3
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    with pytest.raises(SystemExit, match=r"bad sample \(--strict\): .*d\.jsonl:(5|10|12): "):
+        train.main(argv + ["--out", str(tmp_path / "strict"), "--strict"])
+
+
+def test_nonfinite_step_is_not_applied_and_named(tmp_path, in_process, monkeypatch):
+    import fusion
+    calls, seen = [0], []
+    forward, collate = fusion.FlorenceVL.forward, train.collate
+
+    def nan_on_step_2(self, *a, **k):  # micro-steps 3 and 4 are step 2's
+        out = forward(self, *a, **k)
+        calls[0] += 1
+        if calls[0] == 3:
+            out.loss_sum = out.loss_sum * float("nan")
+        return out
+
+    def recording_collate(items, pad_id):
+        b = collate(items, pad_id)
+        seen.append(b["ids"])
+        return b
+    monkeypatch.setattr(fusion.FlorenceVL, "forward", nan_on_step_2)
+    monkeypatch.setattr(train, "collate", recording_collate)
+    argv = TINY + ["--steps", "3", "--save-every", "1", "--keep", "5", "--resume", "none"]
+    with pytest.raises(SystemExit) as e:
+        train.main(argv + ["--out", str(tmp_path / "stop")])
+    msg = str(e.value)
+    assert msg.startswith("pretrain step 2: non-finite loss nan") and "the step was not applied" in msg
+    assert f"on samples {seen[2] + seen[3]}" in msg  # the ids of step 2's micro-batches
+    assert sorted(p.name for p in (tmp_path / "stop").glob("ckpt-*")) == ["ckpt-1-pretrain-000001"]
+    calls[0], seen[:] = 0, []
+    train.main(argv + ["--out", str(tmp_path / "skip"), "--skip-nonfinite", "1"])
+    recs = log_records(tmp_path / "skip")
+    assert any(r.get("nonfinite_skipped") == 1 and r["step"] == 2 for r in recs)
+    assert [r["step"] for r in recs if "loss" in r] == [1, 3]
+    w1, w2, w3 = (read_weights(tmp_path / "skip" / f"ckpt-1-pretrain-00000{s}" / "model.safetensors") for s in (1, 2, 3))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # step 2 changed nothing
+    assert not all(torch.equal(w1[k], w3[k]) for k in w1)  # step 3 trained again
+
+
+def test_impossible_settings_rejected_before_any_work(tmp_path, in_process, monkeypatch):
+    built = []
+    monkeypatch.setattr(train, "build_model", lambda args: built.append(1))
+    out = str(tmp_path / "o")
+    cases = {
+        ("--global-batch", "10", "--micro-batch", "4"): "--global-batch 10 is not a multiple of micro-batch x ranks",
+        ("--florence", "f", "--llm", "l", "--stage", "finetune"): "--stage finetune from --florence/--llm parts",
+        ("--florence", "f"): "--florence and --llm go together",
+        ("--resume", str(tmp_path / "nowhere")): "no trainer.json there",
+        ("--data", str(tmp_path / "none.json")): "--data .*none.json: no such file",
+        ("--steps", "0"): "must be positive",
+    }
+    for extra, why in cases.items():
+        with pytest.raises(SystemExit, match=why):
+            train.main(["--out", out, *extra])
+    monkeypatch.setattr(train, "cpu_supports_bf16", lambda: False)
+    with pytest.raises(SystemExit, match="this CPU has no bf16 support"):
+        train.main(["--out", out, "--dtype", "bf16"])
+    assert built == []  # nothing was built
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults in real processes: signals, ranks that die, SIGKILL while a checkpoint is written
+
+def run_train(out: Path, *extra, timeout=120):
+    return subprocess.run([PY, str(REPO / "train.py"), *TINY, "--out", str(out), *extra],
+                          capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tmp_path):
+    steps = ["--steps", "8", "--save-every", "100", "--resume", "auto"]
+    ref = run_train(tmp_path / "ref", *steps)
+    assert ref.returncode == 0, ref.stderr
+    proc = subprocess.Popen([PY, str(REPO / "train.py"), *TINY, "--out", str(tmp_path / "run"), *steps],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "pretrain step     2/8" in line:
+            proc.send_signal(signal.SIGTERM)  # a real signal, mid-run
+            break
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err  # 128 + SIGTERM, after the checkpoint
+    stopped = [l for l in rest.splitlines() if l.startswith("stopped by a signal after pretrain step")]
+    assert stopped, rest
+    step = int(stopped[0].split("step ")[1].split(":")[0])
+    assert 2 <= step < 8 and (tmp_path / "run" / f"ckpt-1-pretrain-{step:06d}" / "trainer.json").is_file()
+    assert not (tmp_path / "run" / "final").exists()
+    resumed = run_train(tmp_path / "run", *steps)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed pretrain from {tmp_path / 'run' / f'ckpt-1-pretrain-{step:06d}'} at step {step}/8" in resumed.stdout
+    a = read_weights(tmp_path / "ref" / "final" / "model.safetensors")
+    b = read_weights(tmp_path / "run" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    ref_loss = [r["loss"] for r in log_records(tmp_path / "ref") if "loss" in r]
+    run_loss = {r["step"]: r["loss"] for r in log_records(tmp_path / "run") if "loss" in r}
+    assert [run_loss[s] for s in range(1, 9)] == ref_loss
