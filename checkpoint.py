@@ -7,6 +7,7 @@ Every loader in this project follows the same three steps, in the open:
 """
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -75,6 +76,10 @@ def read_weights(path) -> dict:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refused {path}: a pickle that does not load with weights_only=True (it holds "
+                              f"more than tensors and could run code); convert it to safetensors. "
+                              + next((l for l in str(e).splitlines() if "Unpickler error" in l), "")) from e
     except Exception as e:
         raise CheckpointError(f"cannot read {path}: {e}") from e
 

@@ -278,7 +278,19 @@ class FlorenceVL(nn.Module):
         hf = read_config(folder)
         if "mm_projector_type" not in hf:
             raise CheckpointError(f"{folder}/config.json has no mm_projector_type: not a Florence-VL (LLaVA) checkpoint")
-        cfg = config_from_llava_json(hf, _tower_config(folder, hf, tower))
+        try:
+            cfg = config_from_llava_json(hf, _tower_config(folder, hf, tower))
+        except (ValueError, NotImplementedError, KeyError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{folder}/config.json: unsupported model "
+                                  f"(architectures {hf.get('architectures')}, model_type {hf.get('model_type')!r}): "
+                                  f"{e!r}") from e
+        tok = folder / "tokenizer.json"
+        tokenizer = Tokenizer(tok) if tok.is_file() else None
+        if tokenizer is not None and tokenizer.vocab_size > cfg.llm.vocab_size:
+            raise CheckpointError(f"{tok} does not match the model: {tokenizer.vocab_size} tokens, but the embedding "
+                                  f"has {cfg.llm.vocab_size} rows (vocab_size in {folder}/config.json)")
         dtype = dtype or torch.float32
         tower_sd, projector_sd = {}, {}
 
@@ -300,8 +312,7 @@ class FlorenceVL(nn.Module):
             tower_sd = {k: v for f in weight_files(tower_folder) for k, v in read_weights(f).items()}
             where = str(tower_folder)
         vision = FlorenceVision.from_state_dict(cfg.vision, tower_sd, dtype=dtype, what=f"Florence-2 tower in {where}")
-        tok = folder / "tokenizer.json"
-        model = cls(cfg, Tokenizer(tok) if tok.is_file() else None, vision=vision, llm=llm).to(dtype)
+        model = cls(cfg, tokenizer, vision=vision, llm=llm).to(dtype)
         check_state_dict(shapes(model.mm_projector.state_dict()), shapes(projector_sd), f"{folder} (mm_projector)")
         model.mm_projector.load_state_dict(projector_sd)
         return model.eval()

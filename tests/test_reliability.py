@@ -284,3 +284,131 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tmp_path):
     ref_loss = [r["loss"] for r in log_records(tmp_path / "ref") if "loss" in r]
     run_loss = {r["step"]: r["loss"] for r in log_records(tmp_path / "run") if "loss" in r}
     assert [run_loss[s] for s in range(1, 9)] == ref_loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints that do not fit
+
+def test_bad_checkpoints_get_a_clear_error(tmp_path):
+    import shutil
+    from checkpoint import CheckpointError, save_safetensors
+    from fusion import FlorenceVL
+    torch.manual_seed(0)
+    model = train.build_model(train.parse_args([]))
+    good = tmp_path / "good"
+    model.save_pretrained(good)
+    FlorenceVL.from_pretrained(good)
+
+    def variant(name):
+        shutil.copytree(good, tmp_path / name)
+        return tmp_path / name
+    # missing / unexpected / misshaped keys, all listed
+    bad = variant("keys")
+    sd = read_weights(bad / "model.safetensors")
+    proj = sorted(k for k in sd if "mm_projector" in k)
+    del sd[proj[0]]
+    sd["model.mm_projector.extra.weight"] = torch.zeros(2)
+    sd[proj[1]] = torch.zeros(3, 3)
+    save_safetensors(sd, bad / "model.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        FlorenceVL.from_pretrained(bad)
+    msg = str(e.value)
+    assert "(mm_projector) does not match the model" in msg and "missing (1): " + proj[0].split("mm_projector.")[1] in msg
+    assert "unexpected (1): extra.weight" in msg and "wrong shape: " + proj[1].split("mm_projector.")[1] in msg
+    # a truncated safetensors file
+    bad = variant("truncated")
+    raw = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(CheckpointError, match=rf"cannot read {bad / 'model.safetensors'}"):
+        FlorenceVL.from_pretrained(bad)
+    # a pickle that would run code is refused; a plain-tensor pickle loads
+    bad = variant("pickle")
+    (bad / "model.safetensors").unlink()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+    torch.save({"x": Evil()}, bad / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=rf"refused {bad / 'pytorch_model.bin'}: a pickle that does not load "
+                                              r"with weights_only=True"):
+        FlorenceVL.from_pretrained(bad)
+    assert not (tmp_path / "pwned").exists()
+    torch.save(read_weights(good / "model.safetensors"), bad / "pytorch_model.bin")
+    FlorenceVL.from_pretrained(bad)
+    # a config naming an unknown architecture
+    bad = variant("arch")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg.update(architectures=["MambaForCausalLM"], model_type="mamba")
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"config\.json: unsupported model \(architectures \['MambaForCausalLM'\]"):
+        FlorenceVL.from_pretrained(bad)
+    # a tokenizer larger than the embedding
+    bad = variant("vocab")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["vocab_size"] = model.tokenizer.vocab_size - 8
+    (bad / "config.json").write_text(json.dumps(cfg))
+    sd = read_weights(bad / "model.safetensors")  # the weights agree with the config; the tokenizer does not
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        sd[k] = sd[k][:cfg["vocab_size"]].clone()
+    save_safetensors(sd, bad / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"tokenizer\.json does not match the model: {model.tokenizer.vocab_size} "
+                                              rf"tokens, but the embedding has {cfg['vocab_size']} rows"):
+        FlorenceVL.from_pretrained(bad)
+
+
+def test_one_rank_raising_stops_every_rank(tmp_path):
+    t0 = time.time()
+    r = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node=2", "--monitor-interval=0.5",
+                        str(REPO / "train.py"), *TINY, "--steps", "4", "--out", str(tmp_path / "o"), "--resume", "none"],
+                       capture_output=True, text=True, env={**ENV, "TRAIN_FAIL_AT": "1:2"}, timeout=120)
+    assert r.returncode != 0 and time.time() - t0 < 120
+    assert "forced failure (TRAIN_FAIL_AT=1:2) on rank 1 at step 2" in r.stderr
+    assert not (tmp_path / "o" / "final").exists()
+
+
+KILLER = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+import train
+torch.manual_seed(0)
+model = train.build_model(train.parse_args([]))
+opt = torch.optim.AdamW(model.parameters())
+sampler = train.ResumableSampler(64, 1, 0)
+out = train.Path({out!r})
+step = int((out / "latest").read_text().split("-")[-1]) if (out / "latest").exists() else 0
+print("ready", flush=True)
+while True:
+    step += 1
+    with torch.no_grad():
+        next(model.parameters()).fill_(step)  # the step is visible in the weights
+    train.save_checkpoint(out, train.checkpoint_name("pretrain", step), model, opt,
+                          {{"stage": "pretrain", "step": step, "sampler": sampler.state_dict(), "history": []}},
+                          0, 1, torch.device("cpu"), keep=2)
+"""
+
+
+def test_sigkill_while_writing_checkpoints_never_loses_the_latest(tmp_path):
+    import random
+    out = tmp_path / "o"
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER.format(repo=str(REPO), out=str(out)))
+    rng, last = random.Random(0), 0
+    torch.manual_seed(0)
+    model = train.build_model(train.parse_args([]))
+    opt = torch.optim.AdamW(model.parameters())
+    name = next(model.named_parameters())[0]
+    for _ in range(6):  # 6 fresh processes, each killed at a random moment of its save loop
+        proc = subprocess.Popen([PY, str(script)], stdout=subprocess.PIPE, text=True, env=ENV)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.05, 0.8))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpt = train.find_checkpoint(out, "auto")
+        if ckpt is None:
+            continue
+        sampler = train.ResumableSampler(64, 1, 0)
+        trainer = train.load_checkpoint(ckpt, model, opt, sampler, 0, torch.device("cpu"))
+        assert trainer["step"] >= last  # never goes back
+        last = trainer["step"]
+        assert torch.all(dict(model.named_parameters())[name] == last)
+    assert last > 0
