@@ -95,13 +95,17 @@ def tile_origin(i: int, tile: int, margin: int = 8, band: int = 24) -> tuple:
 
 def load_tower(name: str, dtype=torch.float32):
     """(tower, (K, L) prompt ids, masked, labels, pad_to_square) from a Florence-VL or a Florence-2 checkpoint."""
-    hf = read_config(resolve(name, allow_patterns=["*.json"]))
+    folder = resolve(name, allow_patterns=["*.json"])
+    hf = read_config(folder)
     if "mm_projector_type" in hf:
         model = FlorenceVL.from_pretrained(name, dtype=dtype)
         prompts = model.cfg.prompts if model.prompt_ids.shape[0] else (0, 1, 2)
         return (model.vision, prompt_ids()[list(prompts)], model.cfg.masked_prompts,
                 ["V"] + [PROMPT_NAMES[k] for k in prompts], model.cfg.image_aspect_ratio == "pad")
     tower = FlorenceVision.from_pretrained(name, dtype=dtype).eval()
+    pre = folder / "preprocessor_config.json"  # the input size lives there (768 for the released models)
+    if pre.is_file():
+        tower.cfg.image_size = json.loads(pre.read_text()).get("size", {}).get("height", tower.cfg.image_size)
     return tower, prompt_ids(), False, ["V", *PROMPT_NAMES], False  # Florence-2's own processor resizes
 
 

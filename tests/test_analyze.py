@@ -128,3 +128,21 @@ def test_probe_reads_captions_from_a_llava_file(tiny, tmp_path):
     pairs, tokens = analyze.tokenize_captions(model, held, 2048)
     ids, labels = tokens[0]
     assert ids.count(-200) == 1 and model.tokenizer.decode([t for t in labels if t != -100]) == "caption 4\n"
+
+
+def test_pca_of_a_plain_florence2_checkpoint(tmp_path):
+    """--model may be a Florence-2 checkpoint (original layout, its input size in preprocessor_config.json)."""
+    from checkpoint import save_safetensors
+    from florence_encoder import to_original_state_dict
+    from fusion import florence_config_json, preprocessor_config_json
+    torch.manual_seed(1)
+    cfg = FlorenceVLConfig.from_name("tiny").vision
+    cfg.image_size = IMAGE_SIZE
+    tower = FlorenceVL(FlorenceVLConfig(vision=cfg, llm=FlorenceVLConfig.from_name("tiny").llm)).vision
+    (tmp_path / "config.json").write_text(json.dumps(florence_config_json(cfg)))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(preprocessor_config_json(cfg)))
+    save_safetensors(to_original_state_dict(tower.state_dict()), tmp_path / "model.safetensors")
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "red.png")
+    analyze.main(["pca", "--model", str(tmp_path), "--image", str(tmp_path / "red.png"), "--out",
+                  str(tmp_path / "pca.png"), "--tile", "64"])
+    assert Image.open(tmp_path / "pca.png").size == (8 + 5 * (64 + 8), 24 + 64 + 8)
