@@ -248,14 +248,17 @@ class FlorenceVL(nn.Module):
         return self
 
     # ---- checkpoints: the official LLaVA layout ----------------------------------------------------
-    def llava_state_dict(self) -> dict:
-        """All weights under the official names (see the module docstring)."""
-        sd = dict(self.llm.hf_state_dict())
-        sd.update({PROJECTOR_PREFIX + k: v for k, v in self.mm_projector.state_dict().items()})
-        sd.update({TOWER_PREFIX + k: v for k, v in to_original_state_dict(self.vision.state_dict()).items()})
+    def llava_state_dict(self, state_dict: dict | None = None) -> dict:
+        """All weights under the official names (see the module docstring). state_dict: our-named tensors
+        to convert instead of this module's own (train.py passes the gathered ones under FSDP)."""
+        ours = self.state_dict() if state_dict is None else state_dict
+        part = lambda prefix: {k.removeprefix(prefix): v for k, v in ours.items() if k.startswith(prefix)}
+        sd = dict(self.llm.hf_state_dict(part("llm.")))
+        sd.update({PROJECTOR_PREFIX + k: v for k, v in part("mm_projector.").items()})
+        sd.update({TOWER_PREFIX + k: v for k, v in to_original_state_dict(part("vision.")).items()})
         return sd
 
-    def save_pretrained(self, folder):
+    def save_pretrained(self, folder, state_dict: dict | None = None):
         """config.json (LLaVA fields + the LLM's), model.safetensors, vision_tower/config.json (Florence-2's
         own, original spelling) and the tokenizer. Each file is written atomically."""
         folder = Path(folder)
@@ -264,7 +267,8 @@ class FlorenceVL(nn.Module):
         _write_json(folder / "vision_tower" / "preprocessor_config.json", preprocessor_config_json(self.cfg.vision))
         if self.tokenizer is not None:
             self.tokenizer.tok.save(str(folder / "tokenizer.json"))
-        save_safetensors({k: v.contiguous() for k, v in self.llava_state_dict().items()}, folder / "model.safetensors")
+        weights = {k: v.contiguous() for k, v in self.llava_state_dict(state_dict).items()}
+        save_safetensors(weights, folder / "model.safetensors")
         _write_json(folder / "config.json", llava_config_json(self.cfg))  # last: its presence marks a complete save
 
     @classmethod

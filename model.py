@@ -402,10 +402,11 @@ class LLM(nn.Module):
         return generate(self, *args, **kwargs)
 
     # ---- checkpoints in Hugging Face layout ---------------------------------------------------
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+    def hf_state_dict(self, ours: dict | None = None) -> dict[str, torch.Tensor]:
         """Our weights under HF names, in the family's own layout (Llama: separate q/k/v and gate/up;
-        Phi-3: fused). Views, no copies. A tied lm_head is left out, as transformers saves it."""
-        ours = dict(self.named_parameters())
+        Phi-3: fused). Views, no copies. A tied lm_head is left out, as transformers saves it.
+        ours: our-named tensors to convert instead of this module's own (e.g. gathered FSDP shards)."""
+        ours = dict(self.named_parameters()) if ours is None else ours
         out = {}
         for name, parts in hf_layout(self.cfg).items():
             t = ours[name].detach()

@@ -24,6 +24,7 @@ import json
 import math
 import sys
 import os
+import shutil
 import signal
 import time
 import warnings
@@ -208,8 +209,9 @@ def build_dataset(args, model, stage, split="train", n=None):
                             **common)
 
 
-def wrap(model, args, device):
-    """DDP (replicated) or FSDP2 (sharded per LLM block); activation checkpointing and compile per block."""
+def prepare(model, args):
+    """Once per run, before any optimiser exists: activation checkpointing and compile per LLM block, and
+    under --fsdp the FSDP2 sharding (fully_shard per block, then the rest), which replaces the parameters."""
     llm = model.llm
     if args.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -217,13 +219,18 @@ def wrap(model, args, device):
     if args.compile:
         for b in llm.layers:
             b.compile()
-    if not dist.is_initialized():
-        return model
-    if args.fsdp:
+    if args.fsdp and dist.is_initialized():
         from torch.distributed.fsdp import fully_shard
         for b in llm.layers:
             fully_shard(b)
-        return fully_shard(model)
+        fully_shard(model)
+    return model
+
+
+def replicate(model, args, device):
+    """Per stage: DDP over the parameters that train in this stage (FSDP2 needs no wrapper)."""
+    if not dist.is_initialized() or args.fsdp:
+        return model
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
@@ -246,8 +253,10 @@ def flatten_optimizer(state: dict) -> tuple[dict, dict]:
 
 
 def unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    # parameters are numbered in a plain optimizer state, named (FQN) in a gathered FSDP one
+    key = lambda idx: int(idx) if idx.isdigit() else idx
     return {"param_groups": meta["param_groups"],
-            "state": {int(idx): {k: tensors[f"{idx}.{k}"] for k in keys} for idx, keys in meta["state"].items()}}
+            "state": {key(idx): {k: tensors[f"{idx}.{k}"] for k in keys} for idx, keys in meta["state"].items()}}
 
 
 def rng_state(device) -> dict:
@@ -260,45 +269,52 @@ def rng_state(device) -> dict:
 def save_checkpoint(out: Path, name: str, model, optimizer, trainer: dict, rank: int, world: int, device, keep: int):
     final, tmp = out / name, out / f".tmp-{name}"
     if rank == 0:
-        if tmp.exists():
-            import shutil
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a save that died
         tmp.mkdir(parents=True)
     barrier()
-    full = model_state_for_saving(model, optimizer)  # collective under FSDP: every rank takes part
+    model_sd, opt_sd = full_state_dicts(model, optimizer)  # a collective under FSDP: every rank takes part
     save_safetensors(rng_state(device), tmp / f"rng-rank{rank}.safetensors")
     if rank == 0:
-        raw, opt_state = full
-        raw.save_pretrained(tmp)
-        tensors, meta = flatten_optimizer(opt_state)
+        unwrap(model).save_pretrained(tmp, state_dict=model_sd)
+        tensors, meta = flatten_optimizer(opt_sd)
         save_safetensors(tensors, tmp / "optimizer.safetensors")
+        (tmp / "trainer.json").write_text(json.dumps({**trainer, "world_size": world, "optimizer": meta}, indent=1))
     barrier()
     if rank == 0:
-        (tmp / "trainer.json").write_text(json.dumps({**trainer, "world_size": world, "optimizer": meta}, indent=1))
-        os.replace(tmp, final) if not final.exists() else (_replace_dir(tmp, final))
+        if final.exists():  # the same step saved again (a resumed run): swap, never leave neither
+            os.replace(final, out / f".old-{name}")
+        os.replace(tmp, final)
+        shutil.rmtree(out / f".old-{name}", ignore_errors=True)
         latest = out / "latest.tmp"
         latest.write_text(name)
         os.replace(latest, out / "latest")
         done = sorted(p for p in out.glob("ckpt-*") if (p / "trainer.json").is_file())
         for old in done[:-keep] if keep > 0 else []:
             if old.name != name:
-                import shutil
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
 
 
-def _replace_dir(tmp: Path, final: Path):
-    import shutil
-    trash = final.with_name(f".old-{final.name}")
-    os.replace(final, trash)
-    os.replace(tmp, final)
-    shutil.rmtree(trash, ignore_errors=True)
+def full_state_dicts(model, optimizer):
+    """(model, optimizer) state dicts as whole tensors on the CPU. Under FSDP2 the shards are gathered
+    (every rank must call this); with DDP or one process they are the local ones (model: None = its own)."""
+    if not is_sharded(model):
+        return None, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return full_model_state(model), get_optimizer_state_dict(model, optimizer, options=options)
 
 
-def model_state_for_saving(model, optimizer):
-    """(the plain FlorenceVL, the optimizer state) as rank 0 must write them."""
-    raw = unwrap(model)
-    return raw, optimizer.state_dict()
+def full_model_state(model):
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in unwrap(model).parameters())
 
 
 def checkpoint_name(stage: str, step: int) -> str:
@@ -322,9 +338,17 @@ def find_checkpoint(out: Path, resume: str):
 
 def load_checkpoint(path: Path, model, optimizer, sampler, rank: int, device) -> dict:
     trainer = json.loads((path / "trainer.json").read_text())
-    loaded = FlorenceVL.from_pretrained(path)
-    unwrap(model).load_state_dict(loaded.state_dict())
-    optimizer.load_state_dict(unflatten_optimizer(read_weights(path / "optimizer.safetensors"), trainer["optimizer"]))
+    model_sd = FlorenceVL.from_pretrained(path).state_dict()
+    opt_sd = unflatten_optimizer(read_weights(path / "optimizer.safetensors"), trainer["optimizer"])
+    if is_sharded(model):  # every rank reads the whole checkpoint and keeps its shards
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, model_sd, options=options)
+        set_optimizer_state_dict(model, optimizer, opt_sd, options=options)
+    else:
+        unwrap(model).load_state_dict(model_sd)
+        optimizer.load_state_dict(opt_sd)
     sampler.load_state_dict(trainer["sampler"])
     rng_file = path / f"rng-rank{rank}.safetensors"
     if rng_file.is_file() and trainer["world_size"] == (dist.get_world_size() if dist.is_initialized() else 1):
@@ -391,11 +415,11 @@ def train_stage(args, stage, model, device, rank, world, log, history):
     accum = args.global_batch // (args.micro_batch * world)  # divisible: check_args
     steps = args.steps or max(1, int(args.epochs * len(dataset) // args.global_batch))
     peak = args.lr or (2e-3 if not args.data else 1e-5)
+    ddp = replicate(raw, args, device)
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
     sampler = ResumableSampler(len(dataset), world, rank, seed=args.seed)
-    ddp = wrap(model, args, device)
     start, faults = 0, {"bad_samples": 0, "nonfinite_steps": 0}
     ckpt = find_checkpoint(Path(args.out), args.resume)
     if ckpt is not None:
@@ -552,7 +576,7 @@ def main(argv=None):
     barrier()
     log = Log(out, rank)
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = build_model(args).to(device)
+    model = prepare(build_model(args).to(device), args)
     if model.tokenizer is None:
         raise SystemExit("the model has no tokenizer.json; put one in the checkpoint folder")
     stages = [args.stage] if args.stage in STAGES else list(STAGES) if args.stage == "both" or not args.data \
@@ -568,12 +592,15 @@ def main(argv=None):
             dist.destroy_process_group()
         sys.exit(128 + (STOP["signal"] or signal.SIGTERM))
     log(f"trained in {(time.time() - t0) / 60:.1f} min")
+    model_sd = full_model_state(model)  # a collective under FSDP
     if rank == 0:
-        model.save_pretrained(out / "final")
+        model.save_pretrained(out / "final", state_dict=model_sd)
         draw_loss_curve(history, out / "loss.png")
         log(f"final model: {out / 'final'} (python sample.py --model {out / 'final'} --image ...) | "
             f"loss curve: {out / 'loss.png'}")
         if not args.data and args.eval_samples:
+            if is_sharded(model):  # a sharded model generates only with every rank: score a whole copy
+                model = FlorenceVL.from_pretrained(out / "final").to(device)
             acc, base = evaluate_synthetic(args, model, device, args.eval_samples)
             log(f"held-out exact match: {acc:.1%} on {args.eval_samples} questions | text-only baseline "
                 f"(most frequent training answer to the same question): {base:.1%}",
