@@ -1,0 +1,569 @@
+"""Benchmarks: this implementation against the transformers-based reference, side by side.
+
+    python bench.py                                           # CPU, fp32, 1 thread, cases 1-4 (5 needs CUDA)
+    python bench.py --cases 3 --repeats 5 --threads 2
+    python bench.py --device cuda --dtype bf16 --cases 1,2,3,5
+
+Cases 1-3 build one random model with transformers, copy its weights into ours (the same loaders the
+parity tests use), check that both compute the same thing, then time them in the same process,
+alternating ours / reference / reference / ours ..., after warm-up. The table shows medians and the
+ratio ours / reference (lower is better). What each reference computes:
+
+1  vision features [V, V'_1, V'_2, V'_3] of a batch of 768x768 images, Florence-2-base shapes.
+   Reference = what the official Florence-VL tower does: `generate(input_ids=task_ids, pixel_values=...)`
+   on Florence-2, i.e. every (image, prompt) pair is one encoder sample with its own image features, so
+   DaViT runs 3 times per image (transformers: get_image_features on the pixels repeated per prompt,
+   placeholder merge, BART encoder -- the encoder half of Florence2Model.forward). The one decoder step
+   of generate(max_new_tokens=1) is left out, in the reference's favour. Row 1b: the reference given
+   one DaViT pass per image (the same work as ours), to separate the saved work from the code.
+2  one training step (forward + backward, everything trainable as in stage 1) of the whole model:
+   Florence-2-base tower, mlp3x_gelu projector, a Phi-3.5-mini-wide decoder of --llm-layers layers.
+   Reference = the official data flow from transformers parts: the features of case 1, the projector,
+   the LLaVA splice, Phi3ForCausalLM(inputs_embeds, attention_mask, labels).loss.backward(). Row 2b: the
+   same with one DaViT pass per image.
+3  greedy decoding of 64 tokens after a 32-token prompt with a KV cache, batch 1 and 8, on a
+   Phi-3.5-mini-wide decoder of --llm-layers layers: LLM.generate vs transformers' generate
+   (do_sample=False, no stop token); the tokens must be identical.
+4  data-parallel scaling of train.py's default (torchrun, gloo): tokens/s with 2 processes vs 1, each
+   process with --threads intra-op threads, from train.py's own JSONL log.
+5  (CUDA only) bf16 training MFU of a Phi-3.5-mini-wide decoder (as many layers as fit, autocast over
+   fp32 weights + fused AdamW, as train.py does), FLOPs from torch.utils.flop_counter; and batch-1
+   decode tokens/s as a share of the memory-bandwidth roofline.
+
+On the CPU the times are process CPU time (wall time also counts other jobs' turns on our core; both
+are printed); on CUDA wall time. Every repeat is printed, not only the medians.
+"""
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO))
+from florence_encoder import FlorenceConfig, FlorenceVision, prompt_ids  # noqa: E402
+from fusion import IGNORE_INDEX, IMAGE_TOKEN_INDEX, FlorenceVL, FlorenceVLConfig  # noqa: E402
+from model import LLM, PHI35_LONG_FACTOR, PHI35_SHORT_FACTOR, LLMConfig  # noqa: E402
+
+FLORENCE_IMAGE_TOKEN = 51289  # transformers' image placeholder id: Florence-2's vocab gets one more row
+PEAK_BF16_FLOPS = 989e12      # H100 / H200 SXM dense bf16
+PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, SXM
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def race(fns: dict, repeats: int, warmup: int, device) -> dict:
+    """Run the callables in turn, the order reversed every round (ours, ref, ref, ours, ...), so that a
+    drift in machine load hits both alike. Returns name -> median seconds (warm-up rounds dropped).
+
+    On the CPU the medians are of process CPU time (this process's threads only): on a machine shared
+    with other jobs, wall time also counts the time other processes held our core, which is noise (with
+    --threads N > 1 it sums the N threads). Wall times are printed too. On CUDA: wall time, synchronised."""
+    names = list(fns)
+    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
+    for r in range(warmup + repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            sync(device)
+            t, c = time.perf_counter(), time.process_time()
+            fns[name]()
+            sync(device)
+            if r >= warmup:
+                wall[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - c)
+    clocks = [("cpu", cpu), ("wall", wall)] if device.type == "cpu" else [("wall", wall)]
+    for name in names:
+        for clock, times in clocks:
+            ts = times[name]
+            print(f"    {name:10s} {clock:4s} " + " ".join(f"{t * 1e3:9.1f}" for t in ts)
+                  + f"   median {statistics.median(ts) * 1e3:9.1f} ms")
+    return {k: statistics.median(v) for k, v in clocks[0][1].items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Random transformers models and the same weights in ours
+
+@torch.no_grad()
+def randomize_(model: nn.Module, seed: int = 0):
+    """Weights away from any init, so that a wrong copy cannot hide and greedy decoding keeps moving:
+    norms ~ 1 + 0.2 N(0,1) (biases 0.2 N), other biases 0.1 N, embeddings N(0, 0.25), matrices N(0, 1/fan_in)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        r = torch.randn(p.shape, generator=g)
+        if "norm" in name:
+            p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * r)
+        elif p.ndim == 1:
+            p.copy_(0.1 * r)
+        elif "embed" in name or "shared" in name:
+            p.copy_(0.5 * r)
+        else:
+            p.copy_(r * p[0].numel() ** -0.5)
+
+
+def hf_florence(cfg: FlorenceConfig):
+    """A random transformers Florence2ForConditionalGeneration of our config's shapes (attention: its default)."""
+    from transformers import Florence2Config, Florence2ForConditionalGeneration
+    v = cfg.vision
+    vision = dict(embed_dim=list(v.dims), num_heads=list(v.heads), num_groups=list(v.groups), depths=list(v.depths),
+                  window_size=v.window, patch_size=list(v.patch_size), patch_stride=list(v.patch_stride),
+                  patch_padding=list(v.patch_padding), patch_prenorm=list(v.patch_prenorm),
+                  drop_path_rate=v.drop_path_rate, projection_dim=cfg.d_model,
+                  max_position_embeddings=cfg.image_pos_embed_size, max_temporal_embeddings=cfg.temporal_embed_size)
+    text = dict(model_type="bart", vocab_size=cfg.vocab_size, d_model=cfg.d_model, encoder_layers=cfg.encoder_layers,
+                encoder_attention_heads=cfg.encoder_heads, encoder_ffn_dim=cfg.encoder_ffn_dim,
+                decoder_layers=1, decoder_attention_heads=cfg.encoder_heads, decoder_ffn_dim=cfg.encoder_ffn_dim,
+                max_position_embeddings=cfg.max_position_embeddings, dropout=cfg.dropout,
+                attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout)
+    config = Florence2Config(vision_config=vision, text_config=text, image_token_id=FLORENCE_IMAGE_TOKEN)
+    torch.manual_seed(0)
+    model = Florence2ForConditionalGeneration._from_config(config)
+    randomize_(model)
+    return model.eval()
+
+
+def florence_pair(size: int):
+    """(transformers Florence-2-base, our FlorenceVision with the same weights), at size x size images."""
+    cfg = FlorenceConfig.from_name("base", vocab_size=FLORENCE_IMAGE_TOKEN + 1, image_size=size)
+    hf = hf_florence(cfg)
+    return hf, FlorenceVision.from_state_dict(cfg, hf.state_dict(), what="random Florence-2-base")
+
+
+def hf_phi3(n_layers: int):
+    """A random transformers Phi3ForCausalLM: Phi-3.5-mini's shapes and LongRoPE, n_layers layers."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+    cfg = LLMConfig.from_name("phi3.5-mini")
+    config = Phi3Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                        num_hidden_layers=n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+                        max_position_embeddings=cfg.max_position_embeddings,
+                        original_max_position_embeddings=cfg.original_max_position_embeddings,
+                        rms_norm_eps=cfg.rms_norm_eps, bos_token_id=1, eos_token_id=None, pad_token_id=cfg.pad_token_id,
+                        rope_parameters=dict(rope_type="longrope", rope_theta=cfg.rope_theta,
+                                             short_factor=list(PHI35_SHORT_FACTOR),
+                                             long_factor=list(PHI35_LONG_FACTOR)))
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(config)
+    with torch.no_grad():  # peaked logits: greedy decoding does not wander between near-ties
+        g = torch.Generator().manual_seed(1)
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.2 * r if p.ndim == 1 else r if "embed" in name else r * 2 / p.shape[1] ** 0.5)
+    return model.eval()
+
+
+def llm_pair(n_layers: int):
+    hf = hf_phi3(n_layers)
+    ours = LLM(LLMConfig.from_hf_config(hf.config.to_dict())).load_hf_state_dict(hf.state_dict(), "random Phi-3")
+    return hf, ours.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference: Florence-VL's data flow written with transformers parts
+
+def reference_features(florence, pixels, shared_davit: bool = False) -> list:
+    """[V, V'_1, V'_2, V'_3], each (B, N, D), as the official tower computes them: the B x 3 (image, prompt)
+    pairs in one batch, image-major, each with its own image features (shared_davit: one DaViT pass per
+    image, expanded), merged at the placeholders, through the BART encoder, no attention mask."""
+    m = florence.model
+    B, ids = pixels.shape[0], prompt_ids().to(pixels.device)
+    K = ids.shape[0]
+    if shared_davit:
+        V = m.get_image_features(pixels).pooler_output                            # (B, N, D)
+        features = V.repeat_interleave(K, 0)
+    else:
+        features = m.get_image_features(pixels.repeat_interleave(K, 0)).pooler_output  # (B*K, N, D)
+        V = features[::K]
+    N = features.shape[1]
+    input_ids = torch.cat([torch.full((B * K, N), FLORENCE_IMAGE_TOKEN, device=pixels.device), ids.repeat(B, 1)], 1)
+    embeds = m.get_input_embeddings()(input_ids)
+    features = features.to(embeds.dtype)
+    embeds = embeds.masked_scatter(m.get_placeholder_mask(input_ids, embeds, features), features)
+    out = m.language_model.encoder(inputs_embeds=embeds).last_hidden_state[:, :N].view(B, K, N, -1)
+    return [V] + [out[:, k] for k in range(K)]
+
+
+def reference_splice(embed, input_ids, mask, labels, visual):
+    """LLaVA's prepare_inputs_labels_for_multimodal, plainly: each <image> replaced by its visual tokens."""
+    rows, row_labels, k = [], [], 0
+    for b in range(input_ids.shape[0]):
+        keep = mask[b].bool()
+        ids, lab = input_ids[b][keep], labels[b][keep]
+        emb = embed(ids.clamp(min=0))
+        where = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
+        if where:
+            p = where[0]
+            emb = torch.cat([emb[:p], visual[k].to(emb.dtype), emb[p + 1:]])
+            lab = torch.cat([lab[:p], lab.new_full((visual.shape[1],), IGNORE_INDEX), lab[p + 1:]])
+            k += 1
+        rows.append(emb)
+        row_labels.append(lab)
+    T = max(len(r) for r in rows)
+    embeds = rows[0].new_zeros(len(rows), T, rows[0].shape[-1])
+    new_mask = mask.new_zeros(len(rows), T)
+    new_labels = labels.new_full((len(rows), T), IGNORE_INDEX)
+    for b, (r, lab) in enumerate(zip(rows, row_labels)):
+        embeds[b, :len(r)], new_mask[b, :len(r)], new_labels[b, :len(r)] = r, 1, lab
+    return embeds, new_mask, new_labels
+
+
+def plain_mlp(state: dict) -> nn.Sequential:
+    """Our mlp3x_gelu's weights (official names) in a plain Linear-GELU-Linear-GELU-Linear."""
+    layers = []
+    for i, name in enumerate(["encoder_mlp.0", "encoder_mlp.1.1", "encoder_mlp.2.1"]):
+        w, b = state[name + ".weight"], state[name + ".bias"]
+        linear = nn.Linear(w.shape[1], w.shape[0])
+        linear.load_state_dict({"weight": w, "bias": b})
+        layers += [nn.GELU(), linear] if i else [linear]
+    return nn.Sequential(*layers)
+
+
+class ReferenceFlorenceVL(nn.Module):
+    """transformers Florence-2 + Linear-GELU-Linear-GELU-Linear + transformers Phi3ForCausalLM."""
+
+    def __init__(self, florence, projector: nn.Module, llm):
+        super().__init__()
+        self.florence, self.projector, self.llm = florence, projector, llm
+        self.shared_davit = False  # True: one DaViT pass per image (see reference_features)
+
+    def forward(self, input_ids, attention_mask, pixel_values, labels):
+        features = reference_features(self.florence, pixel_values, self.shared_davit)
+        visual = self.projector(torch.cat(features, dim=-1))
+        embeds, mask, labels = reference_splice(self.llm.get_input_embeddings(), input_ids, attention_mask, labels,
+                                                visual)
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+
+
+def max_diff(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# The cases. Each returns table rows: (case, what, ours, reference, ratio, target, met)
+
+def row(case, what, ours_s, ref_s, target):
+    ratio = ours_s / ref_s
+    return (case, what, f"{ours_s * 1e3:.0f} ms", f"{ref_s * 1e3:.0f} ms", f"{ratio:.2f}", f"<= {target}",
+            "yes" if ratio <= target else "no")
+
+
+@torch.no_grad()
+def case_vision(args, device, dtype):
+    B = args.vision_batch
+    print(f"case 1: vision features, Florence-2-base shapes, batch {B} at 768x768")
+    hf, ours = florence_pair(768)
+    hf, ours = hf.to(device, dtype), ours.to(device, dtype)
+    print(f"    reference attention: {hf.config._attn_implementation}")
+    pixels = torch.randn(B, 3, 768, 768, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    got, expected = ours.multi_prompt_features(pixels), reference_features(hf, pixels)
+    print("    max |ours - reference| per feature set: "
+          + " ".join(f"{max_diff(a, b):.1e}" for a, b in zip(got, expected)))
+    t = race({"ours": lambda: ours.multi_prompt_features(pixels),
+              "reference": lambda: reference_features(hf, pixels),
+              "ref 1 pass": lambda: reference_features(hf, pixels, shared_davit=True)},
+             args.repeats, args.warmup, device)
+    return [row("1", f"vision features V + 3 prompts, B={B}, 768px (ref: official, DaViT per prompt)",
+                t["ours"], t["reference"], 0.9),
+            row("1b", "  same, ref given one DaViT pass per image (same work)", t["ours"], t["ref 1 pass"], 0.9)[:5]
+            + ("-", "-")]
+
+
+def training_batch(B: int, vocab: int, seed: int = 0):
+    """B samples: 24 text tokens, <image>, 64 text tokens; the last 64 supervised."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (B, 24 + 1 + 64), generator=g)
+    ids[:, 24] = IMAGE_TOKEN_INDEX
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, 25:] = ids[:, 25:]
+    return ids, torch.ones_like(ids), labels
+
+
+def case_train(args, device, dtype):
+    size, B, L = args.train_image_size, args.train_batch, args.llm_layers
+    print(f"case 2: training step (forward + backward), Florence-2-base tower at {size}x{size}, mlp3x_gelu, "
+          f"Phi-3.5-mini-wide decoder with {L} layers, batch {B}, everything trainable")
+    florence, vision = florence_pair(size)
+    hf_llm, llm = llm_pair(L)
+    cfg = FlorenceVLConfig(vision=vision.cfg, llm=llm.cfg)
+    ours = FlorenceVL(cfg, vision=vision, llm=llm)
+    projector = plain_mlp(ours.mm_projector.state_dict())
+    ref = ReferenceFlorenceVL(florence, projector, hf_llm)
+    ours.set_stage("pretrain")
+    ours.to(device), ref.to(device)
+    ids, mask, labels = (t.to(device) for t in training_batch(B, llm.cfg.vocab_size))
+    pixels = torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    print(f"    sequence: {ids.shape[1] - 1 + vision.num_image_tokens} tokens ({vision.num_image_tokens} visual), "
+          f"{labels.ne(IGNORE_INDEX).sum().item()} supervised; reference attention: "
+          f"{hf_llm.config._attn_implementation} / {florence.config._attn_implementation}")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    with torch.no_grad(), amp:  # the same visual tokens and loss, with dropout and drop path off
+        ours.eval(), ref.eval()
+        visual = max_diff(ours.encode_images(pixels), projector(torch.cat(reference_features(florence, pixels), -1)))
+        a, b = ours(ids, mask, pixels, labels).loss, ref(ids, mask, pixels, labels)
+        print(f"    eval mode: max |ours - reference| visual tokens {visual:.1e}; loss ours {a.item():.6f} "
+              f"reference {b.item():.6f}")
+    ours.train(), ref.train()
+
+    def step(model, loss_of):
+        with amp:
+            loss = loss_of()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def reference_step(shared_davit):
+        ref.shared_davit = shared_davit
+        step(ref, lambda: ref(ids, mask, pixels, labels))
+
+    t = race({"ours": lambda: step(ours, lambda: ours(ids, mask, pixels, labels).loss),
+              "reference": lambda: reference_step(False), "ref 1 pass": lambda: reference_step(True)},
+             args.repeats, args.warmup, device)
+    return [row("2", f"train step fwd+bwd, B={B}, {size}px, {L}-layer Phi-3.5 width (ref: official, DaViT per prompt)",
+                t["ours"], t["reference"], 0.8),
+            row("2b", "  same, ref given one DaViT pass per image (same work)", t["ours"], t["ref 1 pass"], 0.8)[:5]
+            + ("-", "-")]
+
+
+@torch.no_grad()
+def case_decode(args, device, dtype):
+    L, n = args.llm_layers, 64
+    print(f"case 3: greedy decoding, {n} new tokens after a 32-token prompt, Phi-3.5-mini-wide decoder with {L} layers")
+    hf, ours = llm_pair(L)
+    hf, ours = hf.to(device, dtype), ours.to(device, dtype)
+    print(f"    reference attention: {hf.config._attn_implementation}")
+    rows = []
+    for B in (1, 8):
+        ids = torch.randint(3, 32000, (B, 32), generator=torch.Generator().manual_seed(B)).to(device)
+        run_ours = lambda: ours.generate(ids, max_new_tokens=n, stop_ids=())  # noqa: E731
+        run_ref = lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,  # noqa: E731
+                                      min_new_tokens=n, do_sample=False, pad_token_id=0)[:, ids.shape[1]:].tolist()
+        a, b = run_ours(), run_ref()
+        same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+        print(f"    batch {B}: {same}/{B * n} generated tokens identical")
+        fns = {"ours": run_ours, "reference": run_ref}
+        if B == 1:  # what a decode step cannot avoid: reading every weight matrix once
+            matrices = [m.weight for m in ours.modules() if isinstance(m, nn.Linear)]
+            x = {w.shape[1]: torch.randn(1, w.shape[1], device=device, dtype=dtype) for w in matrices}
+            fns["prefill"] = lambda: ours.generate(ids, max_new_tokens=1, stop_ids=())
+            fns["weights"] = lambda: [F.linear(x[w.shape[1]], w) for w in matrices]
+        t = race(fns, args.repeats, args.warmup, device)
+        if B == 1:
+            step = lambda s: (s - t["prefill"]) / (n - 1) * 1e3  # noqa: E731
+            size = sum(w.numel() * w.element_size() for w in matrices)
+            print(f"    per decode step (minus prefill): ours {step(t['ours']):.2f} ms, reference "
+                  f"{step(t['reference']):.2f} ms; one matrix-vector product per weight matrix alone (the floor at "
+                  f"batch 1): {t['weights'] * 1e3:.2f} ms = {size / 1e9:.2f} GB at "
+                  f"{size / t['weights'] / 1e9:.1f} GB/s")
+        r = row("3", f"greedy decode {n} tokens, batch {B}, {L}-layer Phi-3.5 width ({same}/{B * n} tokens equal)",
+                t["ours"], t["reference"], 0.5)
+        rows.append(r if B == 1 else r[:5] + ("-", "-"))
+    return rows
+
+
+def case_ddp(args):
+    steps = args.ddp_steps
+    print(f"case 4: train.py default under torchrun, 1 vs 2 processes ({args.threads} thread(s) each), "
+          f"{steps} steps per stage; tokens/s over steps 2..{steps} (train.py's log)")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    results = {1: [], 2: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.ddp_repeats):
+            for nproc in ((1, 2) if r % 2 == 0 else (2, 1)):
+                out = Path(tmp) / f"run{r}-{nproc}"
+                cmd = [str(torchrun), "--standalone", f"--nproc_per_node={nproc}", "train.py", "--steps", str(steps),
+                       "--eval-samples", "0", "--out", str(out), "--resume", "none", "--log-every", str(steps)]
+                load = os.getloadavg()[0]
+                cpu0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+                run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+                cpu1, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - t0
+                cores = (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / wall
+                if run.returncode:
+                    raise SystemExit(f"{' '.join(cmd)} failed:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
+                records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+                # per stage, the record that closes the run covers steps 2..steps (step 1 is logged alone)
+                last = {rec["stage"]: rec for rec in records if "tokens_per_s" in rec and rec["step"] == steps}
+                tps = {stage: rec["tokens_per_s"] for stage, rec in last.items()}
+                print(f"    {nproc} process(es): " + ", ".join(f"{s} {v:,.0f} tok/s" for s, v in tps.items())
+                      + f" | cores busy with it {cores:.2f} of {os.cpu_count()} (CPU time / wall, whole run); "
+                      f"load average before {load:.2f}")
+                results[nproc].append(tps)
+    rows = []
+    for stage in results[1][0]:
+        one = statistics.median(r[stage] for r in results[1])
+        two = statistics.median(r[stage] for r in results[2])
+        rows.append(("4", f"DDP scaling, train.py default, {stage} stage (median of {args.ddp_repeats})",
+                     f"2 procs {two:,.0f} tok/s", f"1 proc {one:,.0f} tok/s", f"{two / one:.2f}x", ">= 1.7x",
+                     "yes" if two / one >= 1.7 else "no"))
+    return rows
+
+
+def measure_training(cfg: LLMConfig, B: int, T: int, args, device):
+    """(FLOPs of one step, median seconds per step) of bf16 training as train.py does it on a GPU: autocast
+    over fp32 weights, AdamW (fused on CUDA), next-token loss on every position."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    with device:  # initialised where it runs: a 3.8B model is slow to initialise on a CPU
+        model = LLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device=device)
+
+    def train_step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = model(ids[:, :-1])
+        F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    train_step()  # allocates the optimiser state: an out-of-memory error shows here
+    counter = FlopCounterMode(display=False)
+    with counter:
+        train_step()
+    return counter.get_total_flops(), race({"train step": train_step}, args.repeats, args.warmup, device)["train step"]
+
+
+@torch.no_grad()
+def measure_decode(cfg: LLMConfig, prompt: int, n: int, args, device):
+    """(seconds per decode step at batch 1, bytes it must read: every weight but the embedding table, and
+    the KV cache at the mean context) for our LLM in bf16."""
+    torch.manual_seed(0)
+    with device:
+        llm = LLM(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt), device=device)
+    t = race({"prefill+1": lambda: llm.generate(ids, max_new_tokens=1, stop_ids=()),
+              f"prefill+{n + 1}": lambda: llm.generate(ids, max_new_tokens=n + 1, stop_ids=())},
+             args.repeats, args.warmup, device)
+    per_token = (t[f"prefill+{n + 1}"] - t["prefill+1"]) / n
+    weights = sum(p.numel() * p.element_size() for name, p in llm.named_parameters() if name != "embed_tokens.weight")
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2 * (prompt + 1 + n / 2)  # k and v in bf16
+    return per_token, weights, kv
+
+
+def case_gpu(args, device):
+    """MFU of bf16 training and decode share of the bandwidth roofline (CUDA only)."""
+    name = torch.cuda.get_device_name(device)
+    bandwidth = next((v for k, v in PEAK_BANDWIDTH.items() if k in name), PEAK_BANDWIDTH["H100"])
+    print(f"case 5: {name}; assumed peaks: {PEAK_BF16_FLOPS / 1e12:.0f} TFLOP/s dense bf16, "
+          f"{bandwidth / 1e12:.2f} TB/s memory bandwidth (SXM figures)")
+    rows = []
+    B, T = args.mfu_batch, args.mfu_seq
+    for L in args.mfu_layers:  # the deepest Phi-3.5-mini-wide decoder that fits
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            flops, t = measure_training(LLMConfig.from_name("phi3.5-mini", n_layers=L), B, T, args, device)
+        except torch.cuda.OutOfMemoryError:
+            flops = None
+        gc.collect()  # the failed attempt's model, once its traceback is gone
+        torch.cuda.empty_cache()
+        if flops is None:
+            print(f"    training: {L} layers do not fit")
+            continue
+        mfu = flops / t / PEAK_BF16_FLOPS
+        print(f"    training: {L} layers, {B}x{T} tokens, {flops / 1e12:.1f} TFLOP per step (fwd + bwd), "
+              f"{flops / t / 1e12:.0f} TFLOP/s, peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+        rows.append(("5", f"bf16 training MFU, {L}-layer Phi-3.5-mini width, {B}x{T} tokens, step incl. AdamW",
+                     f"{mfu:.1%} ({flops / t / 1e12:.0f} TFLOP/s)", "-", "-", ">= 50%", "yes" if mfu >= 0.5 else "no"))
+        break
+    torch.cuda.empty_cache()
+
+    n = args.decode_tokens
+    per_token, weights, kv = measure_decode(LLMConfig.from_name("phi3.5-mini"), 128, n, args, device)
+    share = (weights + kv) / bandwidth / per_token
+    print(f"    decode: {per_token * 1e3:.2f} ms/token, {1 / per_token:.0f} tok/s; reads {(weights + kv) / 1e9:.2f} "
+          f"GB per token (weights {weights / 1e9:.2f}, KV {kv / 1e9:.3f}); "
+          f"roofline {(weights + kv) / bandwidth * 1e3:.2f} ms")
+    rows.append(("5", f"bf16 decode batch 1, Phi-3.5-mini (32 layers), 128-token prompt + {n} tokens",
+                 f"{1 / per_token:.0f} tok/s = {share:.0%} of roofline", "-", "-", ">= 70%",
+                 "yes" if share >= 0.7 else "no"))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+
+def machine(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    return f"{model}, {os.cpu_count()} logical CPUs"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="weights (cases 1, 3) / autocast (case 2); case 5 is always bf16")
+    p.add_argument("--cases", default="1,2,3,4,5", help="comma-separated case numbers (5 needs --device cuda)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per case (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (and OMP_NUM_THREADS per process in case 4). 1 by default: on a "
+                        "busy 2-core machine 2 threads can be 10x slower than 1")
+    p.add_argument("--vision-batch", type=int, default=2, help="case 1: images per batch")
+    p.add_argument("--train-batch", type=int, default=1, help="case 2: samples per step")
+    p.add_argument("--train-image-size", type=int, default=768, help="case 2: image size")
+    p.add_argument("--llm-layers", type=int, default=2, help="cases 2 and 3: decoder layers at Phi-3.5-mini width")
+    p.add_argument("--ddp-steps", type=int, default=12, help="case 4: optimiser steps per stage")
+    p.add_argument("--ddp-repeats", type=int, default=2, help="case 4: runs of each process count")
+    p.add_argument("--mfu-layers", default="32,24,16,12,8,4", help="case 5: layer counts to try, the first that fits")
+    p.add_argument("--mfu-batch", type=int, default=4)
+    p.add_argument("--mfu-seq", type=int, default=2048)
+    p.add_argument("--decode-tokens", type=int, default=256, help="case 5: decode steps timed")
+    args = p.parse_args(argv)
+    args.mfu_layers = [int(x) for x in args.mfu_layers.split(",")]
+    cases = [int(c) for c in args.cases.split(",") if c.strip()]
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    torch.set_num_threads(args.threads)
+
+    import transformers
+    transformers.logging.set_verbosity_error()  # its notes on the rope config of a random Phi-3
+    print(f"bench.py | {machine(device)} | torch {torch.__version__} | transformers {transformers.__version__} | "
+          f"torch.set_num_threads({args.threads}) | {args.dtype} | repeats {args.repeats} (+{args.warmup} warm-up), "
+          f"ours / reference alternating, medians of {'process CPU time' if device.type == 'cpu' else 'wall time'}")
+    rows = []
+    for c in cases:
+        t0 = time.time()
+        if c == 1:
+            rows += case_vision(args, device, dtype)
+        elif c == 2:
+            rows += case_train(args, device, dtype)
+        elif c == 3:
+            rows += case_decode(args, device, dtype)
+        elif c == 4:
+            rows += case_ddp(args)
+        elif c == 5:
+            if device.type != "cuda":
+                print("case 5: skipped (needs --device cuda)")
+                rows.append(("5", "GPU MFU and decode roofline", "skipped: needs --device cuda", "-", "-", "-", "-"))
+                continue
+            rows += case_gpu(args, device)
+        else:
+            raise SystemExit(f"unknown case {c}")
+        print(f"    ({time.time() - t0:.0f} s)\n", flush=True)
+
+    head = ("case", "what", "ours", "reference", "ours/ref", "target", "met")
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
+    print(line(head))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print(line(r))
+
+
+if __name__ == "__main__":
+    main()
