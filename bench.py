@@ -141,7 +141,8 @@ def florence_pair(size: int):
     """(transformers Florence-2-base, our FlorenceVision with the same weights), at size x size images."""
     cfg = FlorenceConfig.from_name("base", vocab_size=FLORENCE_IMAGE_TOKEN + 1, image_size=size)
     hf = hf_florence(cfg)
-    return hf, FlorenceVision.from_state_dict(cfg, hf.state_dict(), what="random Florence-2-base")
+    weights = {k: v.clone() for k, v in hf.state_dict().items()}  # copies: the two models share no storage
+    return hf, FlorenceVision.from_state_dict(cfg, weights, what="random Florence-2-base")
 
 
 def hf_phi3(n_layers: int):
