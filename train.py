@@ -418,7 +418,7 @@ def train_stage(args, stage, model, device, rank, world, log, history):
     ddp = replicate(raw, args, device)
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.999), weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
+                                  fused=True)  # one kernel for all parameters, on CUDA and CPU
     sampler = ResumableSampler(len(dataset), world, rank, seed=args.seed)
     start, faults = 0, {"bad_samples": 0, "nonfinite_steps": 0}
     ckpt = find_checkpoint(Path(args.out), args.resume)
