@@ -34,7 +34,7 @@ from data import tokenize_prompt  # noqa: E402
 from florence_encoder import preprocess  # noqa: E402
 from fusion import IGNORE_INDEX, IMAGE_TOKEN_INDEX, DBFusion, FlorenceVL, FlorenceVLConfig  # noqa: E402
 from synthetic import synthetic_tokenizer  # noqa: E402
-from helpers import randomize_
+from helpers import random_hf_model, randomize_
 
 TOL = 1e-4
 FLORENCE_VOCAB = 51290          # Florence-2's 51289 + transformers' image placeholder
@@ -85,17 +85,7 @@ def llm_hf_model(family: str):
                                               short_factor=(1 + torch.rand(8, generator=g)).tolist(),
                                               long_factor=(1 + 7 * torch.rand(8, generator=g)).tolist()))
         cls = Phi3ForCausalLM
-    torch.manual_seed(0)
-    model = cls(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif "embed" in name:
-                p.normal_(0, 1)
-            else:
-                p.normal_(0, 2 / p.shape[1] ** 0.5)
-    return model
+    return random_hf_model(cls, cfg)
 
 
 def projector_weights(in_dim: int, hidden: int, seed: int = 2) -> dict:

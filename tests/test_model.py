@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from checkpoint import CheckpointError  # noqa: E402
 from generate import StreamDecoder, generate, sample, stream_text  # noqa: E402
 from model import LLM, KVCache, LLMConfig, TEMPLATES, Tokenizer, render_chat  # noqa: E402
+from helpers import random_hf_model
 
 VOCAB = 128
 TOL = 1e-4
@@ -47,22 +48,6 @@ def phi3_hf_config(partial_rotary_factor=1.0, **overrides):
                                    short_factor=(1 + torch.rand(n, generator=g)).tolist(),
                                    long_factor=(1 + 7 * torch.rand(n, generator=g)).tolist()))
     return Phi3Config(**{**kw, **overrides})
-
-
-def random_hf_model(cls, hf_cfg, seed=0):
-    """A transformers model with weights away from init: norms ~ 1 + 0.2 N(0,1), embeddings N(0,1),
-    matrices N(0, 4 / fan_in), so that logits are peaked and greedy decoding keeps moving."""
-    torch.manual_seed(seed)
-    model = cls(hf_cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif 'embed' in name:
-                p.normal_(0, 1)
-            else:
-                p.normal_(0, 2 / p.shape[1] ** 0.5)
-    return model
 
 
 def saved(model, folder, shard=None) -> Path:
