@@ -432,7 +432,7 @@ def train_stage(args, stage, model, device, rank, world, log, history):
             log(f"resumed {stage} from {ckpt} at step {start}/{steps}")
         elif STAGES.index(saved["stage"]) > STAGES.index(stage):
             log(f"skipping {stage}: {ckpt} is already in stage {saved['stage']}")
-            return ddp, True
+            return
     log(f"{stage}: {len(dataset)} samples, {steps} steps of {args.global_batch} (micro-batch {args.micro_batch} x "
         f"{world} ranks x {accum} accumulation), peak lr {peak:g}, "
         f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
@@ -500,7 +500,6 @@ def train_stage(args, stage, model, device, rank, world, log, history):
             log(f"stopped by a signal after {stage} step {step + 1}: checkpoint {checkpoint_name(stage, step + 1)} "
                 f"written in {args.out}; continue with --resume auto")
             raise Interrupted()
-    return ddp, False
 
 
 # ---- evaluation and the end of a run -------------------------------------------------------------------
@@ -583,10 +582,10 @@ def main(argv=None):
         else ["finetune"]
     log(f"Florence-VL training on {world} x {device.type} | model {args.model} | stages {' -> '.join(stages)} | "
         f"{model.num_visual_tokens} visual tokens | out {out}")
-    t0, history, wrapped = time.time(), [], model
+    t0, history = time.time(), []
     try:
         for stage in stages:
-            wrapped, _ = train_stage(args, stage, model, device, rank, world, log, history)
+            train_stage(args, stage, model, device, rank, world, log, history)
     except Interrupted:
         if dist.is_initialized():
             dist.destroy_process_group()
