@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
+import train_checkpoint  # noqa: E402
 from checkpoint import read_weights  # noqa: E402
 
 TINY = ["--synthetic-size", "64", "--global-batch", "8", "--micro-batch", "4", "--eval-samples", "0",
@@ -125,7 +126,7 @@ def test_a_checkpoint_write_that_dies_leaves_the_previous_one(tmp_path, monkeypa
 
     def crash(*a, **k):
         raise OSError("disk died mid-save")
-    monkeypatch.setattr(train, "save_safetensors", crash)
+    monkeypatch.setattr(train_checkpoint, "save_safetensors", crash)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
