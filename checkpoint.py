@@ -128,3 +128,11 @@ def save_safetensors(sd: dict, path, metadata=None):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_text_atomic(path, text: str):
+    """A small text file (config.json, a pointer) written to a temp name, then renamed into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -13,17 +13,16 @@ names, the projector at `model.mm_projector.encoder_mlp.*`, the Florence-2 tower
 """
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError, check_state_dict, read_config, read_weights, resolve, save_safetensors, shapes, \
-    weight_files
-from florence_encoder import FlorenceConfig, FlorenceVision, prompt_ids, to_original_state_dict, \
-    from_original_state_dict
+from checkpoint import (CheckpointError, check_state_dict, read_config, read_weights, resolve, save_safetensors, shapes,
+                        weight_files, write_text_atomic)
+from florence_encoder import FlorenceConfig, FlorenceVision, prompt_ids, to_original_state_dict
 from model import LLM, LLMConfig, Tokenizer
 
 IMAGE_TOKEN_INDEX = -200  # the <image> placeholder in input_ids
@@ -121,7 +120,6 @@ class Output:
     loss: torch.Tensor | None = None     # mean cross-entropy over the supervised tokens
     loss_sum: torch.Tensor | None = None  # its sum, for normalising across micro-steps and ranks
     n_tokens: int = 0                    # the number of supervised tokens
-    meta: dict = field(default_factory=dict)
 
 
 class FlorenceVL(nn.Module):
@@ -335,9 +333,7 @@ class FlorenceVL(nn.Module):
 
 # ---- config.json files ---------------------------------------------------------------------------------
 def _write_json(path, obj):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def florence_config_json(c: FlorenceConfig) -> dict:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import read_weights, save_safetensors
+from checkpoint import read_weights, save_safetensors, write_text_atomic
 from fusion import FlorenceVL
 
 STAGES = ("pretrain", "finetune")  # the training stages in order; checkpoint names sort by them
@@ -67,9 +67,7 @@ def save_checkpoint(out: Path, name: str, model, optimizer, trainer: dict, rank:
             os.replace(final, out / f".old-{name}")
         os.replace(tmp, final)
         shutil.rmtree(out / f".old-{name}", ignore_errors=True)
-        latest = out / "latest.tmp"
-        latest.write_text(name)
-        os.replace(latest, out / "latest")
+        write_text_atomic(out / "latest", name)
         done = sorted(p for p in out.glob("ckpt-*") if (p / "trainer.json").is_file())
         for old in done[:-keep] if keep > 0 else []:
             if old.name != name:
