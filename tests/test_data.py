@@ -4,7 +4,6 @@ The label masks are checked against expectations written out token by token, wit
 hand-made word-level tokenizer so every id has a readable name. The synthetic task has its own
 file, tests/test_synthetic.py."""
 import json
-import warnings
 
 import numpy as np
 import pytest

@@ -408,7 +408,7 @@ def test_base_shape_768(tmp_path_factory):
     with torch.no_grad():
         got = ours.multi_prompt_features(pixels)
     d = diffs(dict(zip(expected, got)), expected)
-    print(f"\nbase 768: " + ", ".join(f"{k} {v:.1e}" for k, v in d.items()) + f" ({time.time() - t0:.0f} s)")
+    print("\nbase 768: " + ", ".join(f"{k} {v:.1e}" for k, v in d.items()) + f" ({time.time() - t0:.0f} s)")
     assert expected["V"].shape == (1, 577, 768) and max(d.values()) <= TOL
 
     # negative control: one weight of the last DaViT block
