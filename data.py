@@ -398,7 +398,10 @@ class LLaVADataset(ConversationDataset):
 
     def check(self, check_image_files: bool = True, warnings_out: list | None = None) -> list[str]:
         """Every problem in the file, as 'where: problem' lines (for `data.py --check`); images are
-        decoded in full. Warnings (usable but odd records) go to warnings_out when given."""
+        decoded in full. Warnings (usable but odd records) go to warnings_out when given.
+
+        With a tokenizer and max_len, valid records are also tokenized as in training: one longer
+        than max_len is a warning when truncation keeps it, a problem when it would be dropped."""
         out = []
         for i in range(len(self)):
             try:
@@ -406,11 +409,36 @@ class LLaVADataset(ConversationDataset):
             except DataError as e:
                 out.append(str(e))
                 continue
-            out += [f'{self.where(i)}: {p}' for p in
-                    validate_record(record, self.template_name, self.image_root, check_image_files)]
+            problems = validate_record(record, self.template_name, self.image_root, check_image_files)
+            notes = record_warnings(record)
+            if not problems and self.tokenizer is not None and self.max_len is not None:
+                problem, note = self._length_check(record)
+                problems += [problem] if problem else []
+                notes += [note] if note else []
+            out += [f'{self.where(i)}: {p}' for p in problems]
             if warnings_out is not None:
-                warnings_out += [f'{self.where(i)}: warning: {w}' for w in record_warnings(record)]
+                warnings_out += [f'{self.where(i)}: warning: {w}' for w in notes]
         return out
+
+    def _length_check(self, record: dict) -> tuple[str | None, str | None]:
+        """(problem, warning) about the length of a valid record, as __getitem__ would treat it."""
+        try:
+            ids, labels = tokenize_conversation(record['conversations'], self.tokenizer, self.template,
+                                                record.get('image') is not None)
+        except ValueError as e:
+            return str(e), None
+        length = expanded_length(ids, self.num_image_tokens)
+        if length <= self.max_len:
+            return None, None
+        kept = truncate(ids, labels, self.max_len, self.num_image_tokens)
+        if kept is None:
+            return (f'{length} tokens > max_len {self.max_len}: the sample would be dropped (truncation would '
+                    'cut the image or every supervised token)'), None
+        supervised = sum(label != IGNORE_INDEX for label in labels)
+        lost = supervised - sum(label != IGNORE_INDEX for label in kept[1])
+        return None, (f'{length} tokens > max_len {self.max_len}: truncated to '
+                      f'{expanded_length(kept[0], self.num_image_tokens)} tokens, {lost} of {supervised} '
+                      'supervised tokens cut')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -522,12 +550,29 @@ def main(argv=None) -> int:
     p.add_argument('--template', default='llama3', choices=TEMPLATE_NAMES,
                    help="the template it will be trained with ('plain' for pretraining: one human + one gpt turn)")
     p.add_argument('--no-images', action='store_true', help='do not open the image files')
+    p.add_argument('--tokenizer', metavar='TOKENIZER_JSON',
+                   help="the LLM's tokenizer.json (or its folder); with it, conversations longer than --max-len "
+                        'are reported: a warning when truncated, a problem when dropped. Without it: no length check')
+    p.add_argument('--max-len', type=int, default=2048, help="max sequence length, visual tokens included "
+                                                              "(as train.py's --max-len)")
+    p.add_argument('--num-image-tokens', type=int, default=577,
+                   help='visual tokens one image takes (577: Florence-2 at 768 px)')
     args = p.parse_args(argv)
+    tokenizer = None
+    if args.tokenizer:
+        try:
+            tokenizer = model.Tokenizer(args.tokenizer)
+        except Exception as e:  # tokenizers raises its own Exception type for a bad file
+            print(f'cannot read the tokenizer {args.tokenizer}: {e}', file=sys.stderr)
+            return 1
     try:
-        dataset = LLaVADataset(args.check, None, args.template, image_root=args.images)
+        dataset = LLaVADataset(args.check, tokenizer, args.template, image_root=args.images, max_len=args.max_len,
+                               num_image_tokens=args.num_image_tokens)
     except (DataError, OSError) as e:
         print(f'{e}\n1 problem: the file cannot be read', file=sys.stderr)
         return 1
+    if tokenizer is None:
+        print('note: no --tokenizer given: lengths are not checked against --max-len')
     notes: list[str] = []
     problems = dataset.check(check_image_files=not args.no_images, warnings_out=notes)
     for line in problems + notes:

@@ -12,6 +12,7 @@ import tokenizers
 from PIL import Image
 from tokenizers import Regex, models, pre_tokenizers, processors
 
+import data
 import model
 from data import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, DataError, LLaVADataset, ResumableSampler, collate,
                   expanded_length, tokenize_conversation, tokenize_prompt, truncate, validate_record)
@@ -300,6 +301,33 @@ def test_overlong_samples_are_truncated_or_dropped_with_a_count(llava_dir):
     with pytest.warns(UserWarning, match=r'long\.json\[1\]: dropped: 29 tokens > max_len 20'):
         assert ds[1] is None
     assert ds.dropped == 1
+
+
+def test_check_cli_reports_overlong_conversations_with_their_line(llava_dir, capsys):
+    TOK.tok.save(str(llava_dir / 'tokenizer.json'))
+    records = [{'id': 'fits', 'conversations': turns('Hi', 'hello')},                 # 20 tokens
+               {'id': 'long', 'conversations': turns('Hi', 'a red dog')},             # 22: truncated to 20
+               {'id': 'lost', 'image': 'grey.png',                                    # 29 expanded: dropped
+                'conversations': turns('<image>\nWhat is this ?', 'a cat')}]
+    lines = [json.dumps(records[0]), '', json.dumps(records[1]), json.dumps(records[2])]
+    (llava_dir / 'long.jsonl').write_text('\n'.join(lines) + '\n')
+    common = ['--images', str(llava_dir / 'images'), '--template', 'phi3', '--max-len', '20',
+              '--num-image-tokens', '4', '--tokenizer', str(llava_dir / 'tokenizer.json')]
+    assert data.main(['--check', str(llava_dir / 'long.jsonl'), *common]) == 1  # a drop is a problem
+    where = llava_dir / 'long.jsonl'
+    assert capsys.readouterr().out.splitlines() == [
+        f'{where}:4: 29 tokens > max_len 20: the sample would be dropped (truncation would cut the image or '
+        'every supervised token)',
+        f'{where}:3: warning: 22 tokens > max_len 20: truncated to 20 tokens, 2 of 4 supervised tokens cut',
+        f'{where}: 3 records, 1 problem(s) in 1 record(s), 1 warning(s)']
+    # a JSON list names the index; a truncation alone is only a warning (exit 0)
+    (llava_dir / 'long.json').write_text(json.dumps(records[:2]))
+    assert data.main(['--check', str(llava_dir / 'long.json'), *common]) == 0
+    assert f"{llava_dir / 'long.json'}[1]: warning: 22 tokens > max_len 20" in capsys.readouterr().out
+    # without a tokenizer the lengths are not checked, and the output says so
+    assert data.main(['--check', str(llava_dir / 'long.jsonl'), *common[:-2]]) == 0
+    out = capsys.readouterr().out
+    assert 'note: no --tokenizer given: lengths are not checked' in out and 'max_len 20:' not in out
 
 
 # ----------------------------------------------------------------------------------------------
