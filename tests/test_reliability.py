@@ -439,7 +439,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
 
 
 KILLER = """
-import sys, torch
+import os, sys, torch
 sys.path.insert(0, {repo!r})
 import train
 torch.manual_seed(0)
@@ -447,15 +447,22 @@ model = train.build_model(train.parse_args([]))
 opt = torch.optim.AdamW(model.parameters())
 sampler = train.ResumableSampler(64, 1, 0)
 out = train.Path({out!r})
-step = int((out / "latest").read_text().split("-")[-1]) if (out / "latest").exists() else 0
-print("ready", flush=True)
-while True:
-    step += 1
-    with torch.no_grad():
-        next(model.parameters()).fill_(step)  # the step is visible in the weights
-    train.save_checkpoint(out, train.checkpoint_name("pretrain", step), model, opt,
-                          {{"stage": "pretrain", "step": step, "sampler": sampler.state_dict(), "history": []}},
-                          0, 1, torch.device("cpu"), keep=2)
+for _ in sys.stdin:  # each line: fork a writer (imports and model are paid for once), report how it ended
+    pid = os.fork()
+    if pid == 0:
+        try:
+            step = int((out / "latest").read_text().split("-")[-1]) if (out / "latest").exists() else 0
+            while True:
+                step += 1
+                with torch.no_grad():
+                    next(model.parameters()).fill_(step)  # the step is visible in the weights
+                train.save_checkpoint(out, train.checkpoint_name("pretrain", step), model, opt,
+                                      {{"stage": "pretrain", "step": step, "sampler": sampler.state_dict(),
+                                        "history": []}}, 0, 1, torch.device("cpu"), keep=2)
+        finally:
+            os._exit(1)  # never back into the parent's loop
+    print(pid, flush=True)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)  # -9: killed by SIGKILL
 """
 
 
@@ -464,23 +471,30 @@ def test_sigkill_while_writing_checkpoints_never_loses_the_latest(tmp_path):
     out = tmp_path / "o"
     script = tmp_path / "killer.py"
     script.write_text(KILLER.format(repo=str(REPO), out=str(out)))
-    rng, last = random.Random(0), 0
+    rng, last, mid_write = random.Random(0), 0, 0
     torch.manual_seed(0)
     model = train.build_model(train.parse_args([]))
     opt = torch.optim.AdamW(model.parameters())
     name = next(model.named_parameters())[0]
-    for _ in range(6):  # 6 fresh processes, each killed at a random moment of its save loop
-        proc = subprocess.Popen([PY, str(script)], stdout=subprocess.PIPE, text=True, env=ENV)
-        assert proc.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0.05, 0.8))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        ckpt = train.find_checkpoint(out, "auto")
-        if ckpt is None:
-            continue
-        sampler = train.ResumableSampler(64, 1, 0)
-        trainer = train.load_checkpoint(ckpt, model, opt, sampler, 0, torch.device("cpu"))
-        assert trainer["step"] >= last  # never goes back
-        last = trainer["step"]
-        assert torch.all(dict(model.named_parameters())[name] == last)
-    assert last > 0
+    server = subprocess.Popen([PY, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        for _ in range(20):  # 20 writer processes, each killed at a random moment of its save loop (~25 ms a save)
+            server.stdin.write("fork\n")
+            server.stdin.flush()
+            writer = int(server.stdout.readline())
+            time.sleep(rng.uniform(0.01, 0.3))
+            os.kill(writer, signal.SIGKILL)
+            assert int(server.stdout.readline()) == -signal.SIGKILL  # killed, not ended some other way
+            mid_write += any(out.glob(".tmp-*"))  # a checkpoint was half written
+            ckpt = train.find_checkpoint(out, "auto")
+            if ckpt is None:
+                continue
+            sampler = train.ResumableSampler(64, 1, 0)
+            trainer = train.load_checkpoint(ckpt, model, opt, sampler, 0, torch.device("cpu"))
+            assert trainer["step"] >= last  # never goes back
+            last = trainer["step"]
+            assert torch.all(dict(model.named_parameters())[name] == last)
+    finally:
+        server.kill()
+        server.wait()
+    assert last > 0 and mid_write > 0  # writes completed, and kills did land inside one
