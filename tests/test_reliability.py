@@ -359,9 +359,8 @@ def test_bad_checkpoints_get_a_clear_error(tmp_path):
 
 def test_one_rank_raising_stops_every_rank(tmp_path):
     t0 = time.time()
-    r = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node=2", "--monitor-interval=0.5",
-                        str(REPO / "train.py"), *TINY, "--steps", "4", "--out", str(tmp_path / "o"), "--resume", "none"],
-                       capture_output=True, text=True, env={**ENV, "TRAIN_FAIL_AT": "1:2"}, timeout=120)
+    r = subprocess.run(torchrun(tmp_path / "o", "--steps", "4", "--resume", "none"), capture_output=True, text=True,
+                       env={**ENV, "TRAIN_FAIL_AT": "1:2"}, timeout=120)
     assert r.returncode != 0 and time.time() - t0 < 120
     assert "forced failure (TRAIN_FAIL_AT=1:2) on rank 1 at step 2" in r.stderr
     assert not (tmp_path / "o" / "final").exists()
