@@ -257,6 +257,16 @@ def run_train(out: Path, *extra, timeout=120):
                           capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
+def assert_same_run(ref: Path, run: Path, steps: int):
+    """The interrupted-and-resumed run in `run` ended with the uninterrupted one's weights and losses, bit for bit."""
+    a = read_weights(ref / "final" / "model.safetensors")
+    b = read_weights(run / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ref_loss = [r["loss"] for r in log_records(ref) if "loss" in r]
+    run_loss = {r["step"]: r["loss"] for r in log_records(run) if "loss" in r}
+    assert [run_loss[s] for s in range(1, steps + 1)] == ref_loss
+
+
 def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tmp_path):
     steps = ["--steps", "8", "--save-every", "100", "--resume", "auto"]
     ref = run_train(tmp_path / "ref", *steps)
@@ -279,12 +289,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tmp_path):
     resumed = run_train(tmp_path / "run", *steps)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed pretrain from {tmp_path / 'run' / f'ckpt-1-pretrain-{step:06d}'} at step {step}/8" in resumed.stdout
-    a = read_weights(tmp_path / "ref" / "final" / "model.safetensors")
-    b = read_weights(tmp_path / "run" / "final" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
-    ref_loss = [r["loss"] for r in log_records(tmp_path / "ref") if "loss" in r]
-    run_loss = {r["step"]: r["loss"] for r in log_records(tmp_path / "run") if "loss" in r}
-    assert [run_loss[s] for s in range(1, 9)] == ref_loss
+    assert_same_run(tmp_path / "ref", tmp_path / "run", steps=8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,12 +434,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     resumed = subprocess.run(torchrun(tmp_path / "run", *steps), capture_output=True, text=True, env=ENV, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed pretrain from {ckpt} at step {step}/8" in resumed.stdout
-    a = read_weights(tmp_path / "ref" / "final" / "model.safetensors")
-    b = read_weights(tmp_path / "run" / "final" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
-    ref_loss = [r["loss"] for r in log_records(tmp_path / "ref") if "loss" in r]
-    run_loss = {r["step"]: r["loss"] for r in log_records(tmp_path / "run") if "loss" in r}
-    assert [run_loss[s] for s in range(1, 9)] == ref_loss
+    assert_same_run(tmp_path / "ref", tmp_path / "run", steps=8)
 
 
 KILLER = """
