@@ -56,6 +56,9 @@ from florence_encoder import FlorenceConfig, FlorenceVision, prompt_ids  # noqa:
 from fusion import IGNORE_INDEX, IMAGE_TOKEN_INDEX, FlorenceVL, FlorenceVLConfig  # noqa: E402
 from model import LLM, PHI35_LONG_FACTOR, PHI35_SHORT_FACTOR, LLMConfig  # noqa: E402
 
+sys.path.insert(0, str(REPO / "tests"))  # the reference side is built as in the parity tests
+from helpers import florence2_hf_config, reference_splice  # noqa: E402
+
 FLORENCE_IMAGE_TOKEN = 51289  # transformers' image placeholder id: Florence-2's vocab gets one more row
 PEAK_BF16_FLOPS = 989e12      # H100 / H200 SXM dense bf16
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, SXM
@@ -118,19 +121,8 @@ def randomize_(model: nn.Module, seed: int = 0):
 
 def hf_florence(cfg: FlorenceConfig):
     """A random transformers Florence2ForConditionalGeneration of our config's shapes (attention: its default)."""
-    from transformers import Florence2Config, Florence2ForConditionalGeneration
-    v = cfg.vision
-    vision = dict(embed_dim=list(v.dims), num_heads=list(v.heads), num_groups=list(v.groups), depths=list(v.depths),
-                  window_size=v.window, patch_size=list(v.patch_size), patch_stride=list(v.patch_stride),
-                  patch_padding=list(v.patch_padding), patch_prenorm=list(v.patch_prenorm),
-                  drop_path_rate=v.drop_path_rate, projection_dim=cfg.d_model,
-                  max_position_embeddings=cfg.image_pos_embed_size, max_temporal_embeddings=cfg.temporal_embed_size)
-    text = dict(model_type="bart", vocab_size=cfg.vocab_size, d_model=cfg.d_model, encoder_layers=cfg.encoder_layers,
-                encoder_attention_heads=cfg.encoder_heads, encoder_ffn_dim=cfg.encoder_ffn_dim,
-                decoder_layers=1, decoder_attention_heads=cfg.encoder_heads, decoder_ffn_dim=cfg.encoder_ffn_dim,
-                max_position_embeddings=cfg.max_position_embeddings, dropout=cfg.dropout,
-                attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout)
-    config = Florence2Config(vision_config=vision, text_config=text, image_token_id=FLORENCE_IMAGE_TOKEN)
+    from transformers import Florence2ForConditionalGeneration
+    config = florence2_hf_config(cfg, cfg.vocab_size, FLORENCE_IMAGE_TOKEN)
     torch.manual_seed(0)
     model = Florence2ForConditionalGeneration._from_config(config)
     randomize_(model)
@@ -196,30 +188,6 @@ def reference_features(florence, pixels, shared_davit: bool = False) -> list:
     embeds = embeds.masked_scatter(m.get_placeholder_mask(input_ids, embeds, features), features)
     out = m.language_model.encoder(inputs_embeds=embeds).last_hidden_state[:, :N].view(B, K, N, -1)
     return [V] + [out[:, k] for k in range(K)]
-
-
-def reference_splice(embed, input_ids, mask, labels, visual):
-    """LLaVA's prepare_inputs_labels_for_multimodal, plainly: each <image> replaced by its visual tokens."""
-    rows, row_labels, k = [], [], 0
-    for b in range(input_ids.shape[0]):
-        keep = mask[b].bool()
-        ids, lab = input_ids[b][keep], labels[b][keep]
-        emb = embed(ids.clamp(min=0))
-        where = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
-        if where:
-            p = where[0]
-            emb = torch.cat([emb[:p], visual[k].to(emb.dtype), emb[p + 1:]])
-            lab = torch.cat([lab[:p], lab.new_full((visual.shape[1],), IGNORE_INDEX), lab[p + 1:]])
-            k += 1
-        rows.append(emb)
-        row_labels.append(lab)
-    T = max(len(r) for r in rows)
-    embeds = rows[0].new_zeros(len(rows), T, rows[0].shape[-1])
-    new_mask = mask.new_zeros(len(rows), T)
-    new_labels = labels.new_full((len(rows), T), IGNORE_INDEX)
-    for b, (r, lab) in enumerate(zip(rows, row_labels)):
-        embeds[b, :len(r)], new_mask[b, :len(r)], new_labels[b, :len(r)] = r, 1, lab
-    return embeds, new_mask, new_labels
 
 
 def plain_mlp(state: dict) -> nn.Sequential:

@@ -1,5 +1,8 @@
-"""Shared by the parity tests."""
+"""Shared by the parity tests (and by bench.py, whose reference side is built the same way)."""
 import torch
+
+# LLaVA's constants, written here again so that the reference does not borrow them from the code under test
+IMAGE_TOKEN_INDEX, IGNORE_INDEX = -200, -100
 
 
 @torch.no_grad()
@@ -31,3 +34,47 @@ def random_hf_model(cls, hf_cfg, seed=0):
             else:
                 p.normal_(0, 2 / p.shape[1] ** 0.5)
     return model
+
+
+def florence2_hf_config(cfg, vocab_size: int, image_token_id: int, decoder_layers: int = 1):
+    """A transformers Florence2Config with the shapes of our FlorenceConfig `cfg` (the encoder's shapes also
+    size the decoder, which Florence-VL does not use)."""
+    from transformers import Florence2Config
+    v = cfg.vision
+    vision = dict(embed_dim=list(v.dims), num_heads=list(v.heads), num_groups=list(v.groups), depths=list(v.depths),
+                  window_size=v.window, patch_size=list(v.patch_size), patch_stride=list(v.patch_stride),
+                  patch_padding=list(v.patch_padding), patch_prenorm=list(v.patch_prenorm),
+                  drop_path_rate=v.drop_path_rate, projection_dim=cfg.d_model,
+                  max_position_embeddings=cfg.image_pos_embed_size, max_temporal_embeddings=cfg.temporal_embed_size)
+    text = dict(model_type="bart", vocab_size=vocab_size, d_model=cfg.d_model, encoder_layers=cfg.encoder_layers,
+                encoder_attention_heads=cfg.encoder_heads, encoder_ffn_dim=cfg.encoder_ffn_dim,
+                decoder_layers=decoder_layers, decoder_attention_heads=cfg.encoder_heads,
+                decoder_ffn_dim=cfg.encoder_ffn_dim, max_position_embeddings=cfg.max_position_embeddings,
+                dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
+                activation_dropout=cfg.activation_dropout)
+    return Florence2Config(vision_config=vision, text_config=text, image_token_id=image_token_id)
+
+
+def reference_splice(embed, input_ids, mask, labels, visual):
+    """LLaVA's prepare_inputs_labels_for_multimodal, plainly: each <image> (-200) replaced by its visual tokens
+    (M, N, H), in batch order; right-padded (embeds, mask, labels) for the LLM."""
+    rows, row_labels, k = [], [], 0
+    for b in range(input_ids.shape[0]):
+        keep = mask[b].bool()
+        ids, lab = input_ids[b][keep], labels[b][keep]
+        emb = embed(ids.clamp(min=0))
+        where = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
+        if where:
+            p = where[0]
+            emb = torch.cat([emb[:p], visual[k].to(emb.dtype), emb[p + 1:]])
+            lab = torch.cat([lab[:p], lab.new_full((visual.shape[1],), IGNORE_INDEX), lab[p + 1:]])
+            k += 1
+        rows.append(emb)
+        row_labels.append(lab)
+    T = max(len(r) for r in rows)
+    embeds = rows[0].new_zeros(len(rows), T, rows[0].shape[-1])
+    new_mask = mask.new_zeros(len(rows), T)
+    new_labels = labels.new_full((len(rows), T), IGNORE_INDEX)
+    for b, (r, lab) in enumerate(zip(rows, row_labels)):
+        embeds[b, :len(r)], new_mask[b, :len(r)], new_labels[b, :len(r)] = r, 1, lab
+    return embeds, new_mask, new_labels

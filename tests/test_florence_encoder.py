@@ -26,7 +26,7 @@ import checkpoint as ckpt
 from davit import DaViTConfig
 from florence_encoder import (FlorenceConfig, FlorenceVision, TASK_PROMPTS, florence_tokenizer, preprocess,
                               prompt_ids, to_original_state_dict, tokenize_prompts)
-from helpers import randomize_
+from helpers import florence2_hf_config, randomize_
 
 TOL = 1e-4
 REPO = Path(__file__).resolve().parents[1]
@@ -39,19 +39,7 @@ VOCAB = 51290
 # Random transformers checkpoints
 
 def hf_config(cfg: FlorenceConfig, decoder_layers=1) -> Florence2Config:
-    v = cfg.vision
-    vision = dict(embed_dim=list(v.dims), num_heads=list(v.heads), num_groups=list(v.groups), depths=list(v.depths),
-                  window_size=v.window, patch_size=list(v.patch_size), patch_stride=list(v.patch_stride),
-                  patch_padding=list(v.patch_padding), patch_prenorm=list(v.patch_prenorm),
-                  drop_path_rate=v.drop_path_rate, projection_dim=cfg.d_model,
-                  max_position_embeddings=cfg.image_pos_embed_size, max_temporal_embeddings=cfg.temporal_embed_size)
-    text = dict(model_type="bart", vocab_size=VOCAB, d_model=cfg.d_model, encoder_layers=cfg.encoder_layers,
-                encoder_attention_heads=cfg.encoder_heads, encoder_ffn_dim=cfg.encoder_ffn_dim,
-                decoder_layers=decoder_layers, decoder_attention_heads=cfg.encoder_heads,
-                decoder_ffn_dim=cfg.encoder_ffn_dim, max_position_embeddings=cfg.max_position_embeddings,
-                dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
-                activation_dropout=cfg.activation_dropout)
-    return Florence2Config(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
+    return florence2_hf_config(cfg, VOCAB, IMAGE_TOKEN, decoder_layers)
 
 
 ODD = FlorenceConfig(   # heads 3 and 6, a first grid 16x24 that window 5 does not divide, last grid 2x3

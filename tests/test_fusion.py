@@ -34,7 +34,7 @@ from data import tokenize_prompt  # noqa: E402
 from florence_encoder import preprocess  # noqa: E402
 from fusion import IGNORE_INDEX, IMAGE_TOKEN_INDEX, DBFusion, FlorenceVL, FlorenceVLConfig  # noqa: E402
 from synthetic import synthetic_tokenizer  # noqa: E402
-from helpers import random_hf_model, randomize_
+from helpers import random_hf_model, randomize_, reference_splice
 
 TOL = 1e-4
 FLORENCE_VOCAB = 51290          # Florence-2's 51289 + transformers' image placeholder
@@ -153,37 +153,13 @@ def reference_projector(x, w: dict):
     return F.linear(F.gelu(x), w["encoder_mlp.2.1.weight"], w["encoder_mlp.2.1.bias"])
 
 
-def reference_inputs(llm, input_ids, mask, labels, visual):
-    """Splice visual tokens (M, N, H) in place of each -200, right-pad: (embeds, mask, labels) for the LLM."""
-    rows, row_labels, k = [], [], 0
-    for b in range(input_ids.shape[0]):
-        n = int(mask[b].sum())
-        ids, lab = input_ids[b, :n], labels[b, :n]
-        emb = llm.get_input_embeddings()(ids.clamp(min=0))
-        where = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
-        if where:
-            p = where[0]
-            emb = torch.cat([emb[:p], visual[k], emb[p + 1:]])
-            lab = torch.cat([lab[:p], torch.full((visual.shape[1],), IGNORE_INDEX), lab[p + 1:]])
-            k += 1
-        rows.append(emb)
-        row_labels.append(lab)
-    T = max(len(r) for r in rows)
-    embeds = rows[0].new_zeros(len(rows), T, rows[0].shape[-1])
-    new_mask = torch.zeros(len(rows), T, dtype=torch.long)
-    new_labels = torch.full((len(rows), T), IGNORE_INDEX)
-    for b, (r, lab) in enumerate(zip(rows, row_labels)):
-        embeds[b, :len(r)], new_mask[b, :len(r)], new_labels[b, :len(r)] = r, 1, lab
-    return embeds, new_mask, new_labels
-
-
 @torch.no_grad()
 def reference_forward(llm, features, proj, batch, order=(0, 1, 2, 3)):
     """(logits (B, T', V), loss, mask (B, T'), labels (B, T')) of the reference; order: which feature
     blocks are concatenated, in which order (the negative control swaps two)."""
     input_ids, mask, labels = batch
     visual = torch.stack([reference_projector(torch.cat([f[i] for i in order], -1), proj) for f in features])
-    embeds, new_mask, new_labels = reference_inputs(llm, input_ids, mask, labels, visual)
+    embeds, new_mask, new_labels = reference_splice(llm.get_input_embeddings(), input_ids, mask, labels, visual)
     logits = llm(inputs_embeds=embeds, attention_mask=new_mask).logits
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), new_labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
     return logits, loss, new_mask, new_labels
@@ -303,7 +279,7 @@ def test_greedy_generation_matches_transformers(vl, florence):
     mine = ours.generate(input_ids, mask, pixels, max_new_tokens=16, stop_ids=())
     visual = torch.stack([reference_projector(torch.cat(f, -1), vl["proj"]) for f in florence["features"]])
     with torch.no_grad():
-        embeds, emb_mask, _ = reference_inputs(hf, input_ids, mask, labels, visual)
+        embeds, emb_mask, _ = reference_splice(hf.get_input_embeddings(), input_ids, mask, labels, visual)
     left, left_mask = torch.zeros_like(embeds), torch.zeros_like(emb_mask)
     T = embeds.shape[1]
     for b, n in enumerate(emb_mask.sum(1).tolist()):
