@@ -146,7 +146,8 @@ def read_records(path) -> list:
 def synthetic_records(model, n: int, seed: int) -> list:
     """The embedded task's held-out split, one question per image (as train.py's final evaluation)."""
     from synthetic import SyntheticDataset
-    held = SyntheticDataset("heldout", n, seed=seed, image_size=model.cfg.vision.image_size, multi_turn=0.0)
+    # drawn at the dataset's size and resized to the model's by preprocess, exactly as train.py's images
+    held = SyntheticDataset("heldout", n, seed=seed, multi_turn=0.0)
     out = []
     for i in range(n):
         s = held.sample(i)

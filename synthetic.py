@@ -181,6 +181,23 @@ def render(scene: Scene, size: int = 128, jitter: float = 0.0, rng: random.Rando
 
 
 # ----------------------------------------------------------------------------------------------
+# Dense labels for the tiny default's vision stage (train.py, stage 0): what each cell of the 3x3 grid
+# holds. The real runs start from a pretrained Florence-2 that already names regions; these labels let
+# the random tiny tower learn the same kind of skill first.
+
+CELL_CLASSES = ('empty', *(f'a {c} {s}' for c in COLORS for s in SHAPES), *(f'the word {w}' for w in WORDS))
+
+
+def cell_labels(scene: Scene) -> list[int]:
+    """Index into CELL_CLASSES of each of the 9 cells, row-major."""
+    labels = [0] * 9
+    for s in scene.shapes:
+        labels[s.cell] = CELL_CLASSES.index(f'a {s.name}')
+    labels[scene.word_cell] = CELL_CLASSES.index(f'the word {scene.word}')
+    return labels
+
+
+# ----------------------------------------------------------------------------------------------
 # Samples and the dataset
 
 @dataclass

@@ -117,6 +117,18 @@ def test_every_answer_can_be_read_from_the_image(split, jitter, size):
     assert set(kinds) == set(S.KINDS)
 
 
+def test_cell_labels_name_what_the_pixels_show():
+    """train.py's vision stage learns these labels: each cell's content as read back from the image."""
+    ds = dataset('train', 40, image_size=96)
+    templates = word_templates(96)
+    for i in range(len(ds)):
+        found = read(ds.image(i), templates)
+        named = [S.CELL_CLASSES[k] for k in S.cell_labels(ds.sample(i).scene)]
+        shown = ['empty' if c not in found else ('the ' if found[c].startswith('word') else 'a ') + found[c]
+                 for c in range(9)]
+        assert named == shown, i
+
+
 def test_shapes_sit_at_their_cell_centre_in_their_colour():
     ds = dataset('train', 40, jitter=0.1)
     for i in range(len(ds)):

@@ -23,7 +23,7 @@ import train  # noqa: E402
 import train_checkpoint  # noqa: E402
 from checkpoint import read_weights  # noqa: E402
 
-TINY = ["--synthetic-size", "64", "--global-batch", "8", "--micro-batch", "4", "--eval-samples", "0",
+TINY = ["--synthetic-size", "64", "--global-batch", "8", "--micro-batch", "4", "--eval-samples", "0", "--vision-steps", "0",
         "--log-every", "1", "--stage", "pretrain", "--resume", "auto"]
 
 # Runs train.main inside a wrapper. DUMP_GRADS=path saves the gradients of the first optimiser step
@@ -147,7 +147,9 @@ def test_a_checkpoint_write_that_dies_leaves_the_previous_one(tmp_path, monkeypa
 def test_default_task_learns_under_torchrun(tmp_path):
     out = tmp_path / "run"
     run(tmp_path, ["--steps", "25", "--synthetic-size", "800", "--global-batch", "16", "--micro-batch", "8",
-                   "--eval-samples", "0", "--log-every", "1", "--stage", "both", "--out", str(out)], nproc=2)
+                   "--vision-steps", "4", "--eval-samples", "0", "--log-every", "1", "--stage", "both",
+                   "--out", str(out)], nproc=2)
+    assert [r["step"] for r in logged(out) if r["stage"] == "vision"] == [1, 2, 3, 4]  # stage 0 under DDP too
     losses = [r["loss"] for r in logged(out) if r["stage"] == "pretrain"]
     assert len(losses) == 25 and sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     assert (out / "final" / "model.safetensors").is_file() and (out / "loss.png").is_file()
@@ -171,3 +173,22 @@ def test_fsdp_matches_ddp_and_resumes_from_its_gathered_checkpoint(tmp_path):
     wb = read_weights(fsdp / "final" / "model.safetensors")
     assert wa.keys() == wb.keys()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-4
+
+
+def test_vision_stage_learns_to_name_the_cells_and_a_crash_after_it_does_not_redo_it(tmp_path):
+    """Stage 0 of the synthetic default (the tower and encoder learn what each grid cell holds) lowers its
+    loss; its result is saved, and a run that dies in stage 1 resumes with it instead of training it again."""
+    args = ["--vision-steps", "40", "--steps", "2", "--synthetic-size", "640", "--global-batch", "16",
+            "--micro-batch", "8", "--eval-samples", "0", "--log-every", "10", "--stage", "pretrain", "--resume", "auto"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    run(tmp_path, args + ["--out", str(straight)])
+    vision = [r for r in logged(straight) if r["stage"] == "vision"]
+    assert [r["step"] for r in vision] == [10, 20, 30, 40]
+    assert vision[-1]["loss"] < 0.8 * vision[0]["loss"], vision
+    died = run(tmp_path, args + ["--out", str(crashed)], env={"TRAIN_FAIL_AT": "0:1"}, check=False)
+    assert died.returncode != 0 and (crashed / "vision-stage0.safetensors").is_file()
+    again = run(tmp_path, args + ["--out", str(crashed)])
+    assert "vision stage: loaded" in again.stdout and "vision step" not in again.stdout
+    first = {r["step"]: r["loss"] for r in logged(straight) if r["stage"] == "pretrain"}
+    resumed = {r["step"]: r["loss"] for r in logged(crashed) if r["stage"] == "pretrain"}
+    assert first == resumed
