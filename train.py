@@ -1,7 +1,9 @@
 """Train Florence-VL end to end.
 
     python train.py                                  # the embedded default: a tiny model learns the synthetic
-    torchrun --nproc_per_node=2 train.py             #   task, stage 1 (pretrain) then stage 2 (finetune)
+    torchrun --nproc_per_node=2 train.py             #   task: stage 0 (the tower names each scene cell, a
+                                                     #   stand-in for Florence-2's pretraining), stage 1
+                                                     #   (pretrain) then stage 2 (finetune)
     torchrun --nproc_per_node=8 train.py --model jiuhai/florence-vl-3b-pretrain --data llava.json \\
         --images /data/images --stage finetune --global-batch 1024 --lr 9e-5
 
@@ -62,9 +64,9 @@ def parse_args(argv=None):
     g.add_argument("--data", help="a LLaVA JSON/JSONL file (default: the embedded synthetic task)")
     g.add_argument("--images", default=".", help="root folder of the images that --data names")
     g.add_argument("--max-len", type=int, default=2048, help="max sequence length, visual tokens included")
-    g.add_argument("--synthetic-size", type=int, nargs="+", default=[19200, 38400], metavar="N",
+    g.add_argument("--synthetic-size", type=int, nargs="+", default=[19200, 57600], metavar="N",
                    help="training samples of the synthetic task: one N for both stages, or pretrain and finetune "
-                        "(default 19200 38400: one epoch each; the finetune questions take longer to learn)")
+                        "(default 19200 57600: 600 and 1800 steps; the finetune questions take longer to learn)")
     g.add_argument("--vision-steps", type=int, default=400,
                    help="synthetic task only: steps of stage 0, where the random tiny tower first learns to name "
                         "what each grid cell holds (a stand-in for Florence-2's own pretraining; 0: skip it)")

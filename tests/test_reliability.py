@@ -239,6 +239,10 @@ def test_impossible_settings_rejected_before_any_work(tmp_path, in_process, monk
         ("--resume", str(tmp_path / "nowhere")): "no trainer.json there",
         ("--data", str(tmp_path / "none.json")): "--data .*none.json: no such file",
         ("--steps", "0"): "must be positive",
+        ("--synthetic-size", "64", "64", "64"): "one or two positive numbers",
+        ("--synthetic-size", "0"): "one or two positive numbers",
+        ("--vision-steps", "-1"): "--vision-steps must be >= 0",
+        ("--tower-lr-scale", "-0.5"): "--tower-lr-scale must be >= 0",
     }
     for extra, why in cases.items():
         with pytest.raises(SystemExit, match=why):
@@ -497,3 +501,25 @@ def test_sigkill_while_writing_checkpoints_never_loses_the_latest(tmp_path):
         server.kill()
         server.wait()
     assert last > 0 and mid_write > 0  # writes completed, and kills did land inside one
+
+
+def test_the_tower_trains_at_its_own_share_of_the_lr_in_pretrain(tmp_path, monkeypatch):
+    import fusion
+    """Synthetic default: the tower's parameter group runs at 0.1x the lr (--tower-lr-scale overrides it)."""
+    made = []
+
+    class Recording(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            super().__init__(params, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    for extra, scale in (([], 0.1), (["--tower-lr-scale", "0.5"], 0.5)):
+        made.clear()
+        train.main(TINY + ["--steps", "2", "--resume", "none", "--out", str(tmp_path / f"r{scale}"), *extra])
+        model_groups = made[-1].param_groups
+        assert [g["lr_scale"] for g in model_groups] == [1.0, scale]
+        assert model_groups[1]["lr"] == pytest.approx(scale * model_groups[0]["lr"]) and model_groups[0]["lr"] > 0
+        n_tower = sum(p.numel() for p in model_groups[1]["params"])
+        final = fusion.FlorenceVL.from_pretrained(tmp_path / f"r{scale}" / "final")
+        assert n_tower == sum(p.numel() for p in final.vision.parameters())
