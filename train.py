@@ -226,8 +226,8 @@ def build_dataset(args, model, stage, split="train", n=None):
                   num_image_tokens=model.num_visual_tokens, pad_to_square=stage == "finetune")
     if args.data:
         return LLaVADataset(args.data, image_root=args.images, **common)
-    return SyntheticDataset(split, n or synthetic_size(args, stage), seed=args.seed, flavour=stage, text_only=args.text_only,
-                            **common)
+    return SyntheticDataset(split, n or synthetic_size(args, stage), seed=args.seed, flavour=stage,
+                            text_only=args.text_only, **common)
 
 
 def prepare(model, args):
@@ -292,7 +292,8 @@ def train_vision_stage(args, model, device, rank, world, log):
         log(f"vision stage: loaded {out / VISION_STAGE_FILE}")
         return
     S, per_rank = model.cfg.vision.image_size, args.global_batch // world
-    data = SyntheticDataset("train", synthetic_size(args, "pretrain"), seed=args.seed, flavour="pretrain")  # drawn as in stage 1
+    # drawn as in stage 1 (at the dataset's size, resized to S by preprocess)
+    data = SyntheticDataset("train", synthetic_size(args, "pretrain"), seed=args.seed, flavour="pretrain")
     net = CellNamer(model).to(device)
     ddp = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_initialized() else net
     params = [p for p in net.parameters() if p.requires_grad]

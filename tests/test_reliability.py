@@ -26,8 +26,8 @@ from data import DataError, load_image  # noqa: E402
 
 PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TINY = ["--synthetic-size", "64", "--global-batch", "8", "--micro-batch", "4", "--eval-samples", "0", "--vision-steps", "0",
-        "--log-every", "1", "--stage", "pretrain"]
+TINY = ["--synthetic-size", "64", "--global-batch", "8", "--micro-batch", "4", "--eval-samples", "0",
+        "--vision-steps", "0", "--log-every", "1", "--stage", "pretrain"]
 
 
 def turns(q, a):

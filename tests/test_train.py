@@ -23,8 +23,8 @@ import train  # noqa: E402
 import train_checkpoint  # noqa: E402
 from checkpoint import read_weights  # noqa: E402
 
-TINY = ["--synthetic-size", "64", "--global-batch", "8", "--micro-batch", "4", "--eval-samples", "0", "--vision-steps", "0",
-        "--log-every", "1", "--stage", "pretrain", "--resume", "auto"]
+TINY = ["--synthetic-size", "64", "--global-batch", "8", "--micro-batch", "4", "--eval-samples", "0",
+        "--vision-steps", "0", "--log-every", "1", "--stage", "pretrain", "--resume", "auto"]
 
 # Runs train.main inside a wrapper. DUMP_GRADS=path saves the gradients of the first optimiser step
 # (they are final when clip_grad_norm_ is called; DDP has already averaged them over the ranks).
