@@ -272,7 +272,7 @@ def assert_same_run(ref: Path, run: Path, steps: int):
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tmp_path):
-    steps = ["--steps", "8", "--save-every", "100", "--resume", "auto"]
+    steps = ["--steps", "24", "--save-every", "100", "--resume", "auto"]
     ref = run_train(tmp_path / "ref", *steps)
     assert ref.returncode == 0, ref.stderr
     proc = subprocess.Popen([PY, str(REPO / "train.py"), *TINY, "--out", str(tmp_path / "run"), *steps],
@@ -280,7 +280,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tmp_path):
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if "pretrain step     2/8" in line:
+        if "pretrain step     2/24" in line:
             proc.send_signal(signal.SIGTERM)  # a real signal, mid-run
             break
     rest, err = proc.communicate(timeout=60)
@@ -288,12 +288,12 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tmp_path):
     stopped = [l for l in rest.splitlines() if l.startswith("stopped by a signal after pretrain step")]
     assert stopped, rest
     step = int(stopped[0].split("step ")[1].split(":")[0])
-    assert 2 <= step < 8 and (tmp_path / "run" / f"ckpt-1-pretrain-{step:06d}" / "trainer.json").is_file()
+    assert 2 <= step < 24 and (tmp_path / "run" / f"ckpt-1-pretrain-{step:06d}" / "trainer.json").is_file()
     assert not (tmp_path / "run" / "final").exists()
     resumed = run_train(tmp_path / "run", *steps)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed pretrain from {tmp_path / 'run' / f'ckpt-1-pretrain-{step:06d}'} at step {step}/8" in resumed.stdout
-    assert_same_run(tmp_path / "ref", tmp_path / "run", steps=8)
+    assert f"resumed pretrain from {tmp_path / 'run' / f'ckpt-1-pretrain-{step:06d}'} at step {step}/24" in resumed.stdout
+    assert_same_run(tmp_path / "ref", tmp_path / "run", steps=24)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,7 +397,7 @@ def worker_pids(parent: int) -> dict:
 
 
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
-    steps = ["--steps", "8", "--save-every", "100", "--resume", "auto"]
+    steps = ["--steps", "24", "--save-every", "100", "--resume", "auto"]
     ref = subprocess.run(torchrun(tmp_path / "ref", *steps), capture_output=True, text=True, env=ENV, timeout=120)
     assert ref.returncode == 0, ref.stderr
     proc = subprocess.Popen(torchrun(tmp_path / "run", *steps), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -405,7 +405,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     ranks = {}
     try:
         for line in proc.stdout:  # rank 0 logs
-            if "pretrain step     2/8" in line:
+            if "pretrain step     2/24" in line:
                 ranks = worker_pids(proc.pid)
                 assert sorted(ranks) == [0, 1], ranks
                 os.kill(ranks[1], signal.SIGTERM)  # rank 1 only: rank 0 learns of it through the all-reduce
@@ -428,7 +428,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     stopped = [l for l in rest.splitlines() if l.startswith("stopped by a signal after pretrain step")]
     assert len(stopped) == 1, rest
     step = int(stopped[0].split("step ")[1].split(":")[0])
-    assert 2 <= step < 8
+    assert 2 <= step < 24
     # one checkpoint, for that step, saved by both ranks together (each writes its own RNG state into it)
     assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(("ckpt-", ".tmp-", ".old-"))] == [
         f"ckpt-1-pretrain-{step:06d}"]
@@ -437,8 +437,8 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     assert json.loads((ckpt / "trainer.json").read_text())["step"] == step
     resumed = subprocess.run(torchrun(tmp_path / "run", *steps), capture_output=True, text=True, env=ENV, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed pretrain from {ckpt} at step {step}/8" in resumed.stdout
-    assert_same_run(tmp_path / "ref", tmp_path / "run", steps=8)
+    assert f"resumed pretrain from {ckpt} at step {step}/24" in resumed.stdout
+    assert_same_run(tmp_path / "ref", tmp_path / "run", steps=24)
 
 
 KILLER = """
