@@ -146,16 +146,20 @@ class FlorenceVL(nn.Module):
     def tower_trainable(self) -> bool:
         return any(p.requires_grad for p in self.vision.parameters())
 
+    def fused_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(M, 3, S, S) -> DBFusion of V and the prompted encoder outputs: (M, N, 4D) for channel fusion."""
+        if self.fusion.mode == "low":
+            features = [self.vision.image_features(pixel_values)]
+        else:
+            features = self.vision.multi_prompt_features(pixel_values, prompt_ids=self.prompt_ids,
+                                                         masked=self.cfg.masked_prompts)
+        return self.fusion(features)
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(M, 3, S, S) -> (M, num_visual_tokens, H)."""
         # A frozen tower (stage 2) runs without building a graph: no activations kept for backward.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.tower_trainable()):
-            if self.fusion.mode == "low":
-                features = [self.vision.image_features(pixel_values)]
-            else:
-                features = self.vision.multi_prompt_features(pixel_values, prompt_ids=self.prompt_ids,
-                                                             masked=self.cfg.masked_prompts)
-            fused = self.fusion(features)  # (M, N, 4D) for channel fusion
+            fused = self.fused_features(pixel_values)
         return self.mm_projector(fused)   # (M, N, H)
 
     def splice(self, input_ids, attention_mask, labels, image_tokens):

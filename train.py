@@ -35,8 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from safetensors.torch import load_file as load_safetensors, save_file as save_safetensors
-
+from checkpoint import read_weights, save_safetensors
 from data import DataError, LLaVADataset, ResumableSampler, collate, florence_preprocess
 from synthetic import CELL_CLASSES, PAD_TOKEN, SyntheticDataset, cell_labels, exact_match, synthetic_tokenizer
 from fusion import IGNORE_INDEX, FlorenceVL, FlorenceVLConfig
@@ -268,17 +267,13 @@ VISION_STAGE_FILE = "vision-stage0.safetensors"
 class CellNamer(torch.nn.Module):
     def __init__(self, model: FlorenceVL):
         super().__init__()
-        self.vision, self.fusion = model.vision, model.fusion
-        self.prompt_ids, self.masked = model.prompt_ids, model.cfg.masked_prompts  # constants, not parameters
+        self.vision = model.vision  # registered here so that DDP syncs it (and not the idle LLM)
+        self.fused_features = model.fused_features
         self.grid = model.cfg.vision.vision.grid(model.cfg.vision.image_size)
         self.head = torch.nn.Linear(model.fusion.out_dim(model.cfg.vision.d_model), len(CELL_CLASSES))
 
     def forward(self, pixel_values):  # (B, 3, S, S) -> (B, 9, classes)
-        if self.fusion.mode == "low":
-            features = self.fusion([self.vision.image_features(pixel_values)])
-        else:
-            features = self.fusion(self.vision.multi_prompt_features(pixel_values, prompt_ids=self.prompt_ids,
-                                                                     masked=self.masked))
+        features = self.fused_features(pixel_values)
         (h, w), B, C = self.grid, features.shape[0], features.shape[-1]
         grid = features[:, 1:1 + h * w].transpose(1, 2).reshape(B, C, h, w)  # without the mean token
         cells = torch.nn.functional.adaptive_avg_pool2d(grid, 3).flatten(2).transpose(1, 2)  # (B, 9, C)
@@ -288,7 +283,7 @@ class CellNamer(torch.nn.Module):
 def train_vision_stage(args, model, device, rank, world, log):
     out = Path(args.out)
     if args.resume != "none" and (out / VISION_STAGE_FILE).is_file():
-        model.vision.load_state_dict(load_safetensors(out / VISION_STAGE_FILE, device=str(device)))
+        model.vision.load_state_dict(read_weights(out / VISION_STAGE_FILE))
         log(f"vision stage: loaded {out / VISION_STAGE_FILE}")
         return
     S, per_rank = model.cfg.vision.image_size, args.global_batch // world
@@ -326,10 +321,8 @@ def train_vision_stage(args, model, device, rank, world, log):
         if all_sum(float(STOP["signal"] > 0), device) > 0:  # stage 0 is short: it is redone on resume
             log(f"stopped by a signal in the vision stage at step {step + 1}; --resume auto starts it again")
             raise Interrupted()
-    if rank == 0:
-        tmp = out / f".tmp-{VISION_STAGE_FILE}"
-        save_safetensors({k: v.detach().cpu().contiguous() for k, v in model.vision.state_dict().items()}, tmp)
-        os.replace(tmp, out / VISION_STAGE_FILE)  # atomic: a crash leaves no half-written file
+    if rank == 0:  # atomic: a crash leaves no half-written file
+        save_safetensors({k: v.cpu() for k, v in model.vision.state_dict().items()}, out / VISION_STAGE_FILE)
     barrier()
 
 
