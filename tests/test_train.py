@@ -95,6 +95,37 @@ def test_two_ranks_equal_one_rank_with_twice_the_accumulation(tmp_path):
     assert max((g1[k] - g3[k]).abs().max().item() for k in g1) > 1e-4
 
 
+def test_only_the_prompt_rows_of_the_encoder_token_table_get_gradient():
+    """Under DDP the Florence encoder's token table is left out of the gradient all-reduce and only the rows
+    of the prompts' tokens are summed (train.replicate / sync_table_rows): exact only while no other row
+    of the table gets gradient."""
+    torch.manual_seed(0)
+    args = train.parse_args([])
+    model = train.build_model(args)
+    data = train.build_dataset(args, model, "pretrain", n=8)
+    b = train.collate([data[i] for i in range(4)], model.tokenizer.token_to_id(train.PAD_TOKEN))
+    model(b["input_ids"], b["attention_mask"], b["pixel_values"], b["labels"]).loss_sum.backward()
+    grad = model.vision.encoder.embed_tokens.weight.grad
+    outside = torch.ones(len(grad), dtype=torch.bool)
+    outside[model.prompt_ids.unique()] = False
+    assert grad[~outside].abs().sum() > 0 and grad[outside].abs().max() == 0
+
+
+def test_vision_stage_gradient_on_two_ranks_equals_one_rank(tmp_path):
+    """Stage 0 under DDP (its token-table rows summed by hand) computes the gradient one rank computes."""
+    args = ["--vision-steps", "1", "--steps", "1", "--synthetic-size", "64", "--global-batch", "8",
+            "--micro-batch", "4", "--eval-samples", "0", "--stage", "pretrain"]
+    for name, extra, nproc in [("one", [], 1), ("two", [], 2), ("half", ["--global-batch", "4"], 1)]:
+        run(tmp_path, args + extra + ["--out", str(tmp_path / name)], nproc=nproc,
+            env={"DUMP_GRADS": str(tmp_path / f"{name}.safetensors")})  # the first clip: stage 0's step 1
+    one, two, half = (read_weights(tmp_path / f"{name}.safetensors") for name in ("one", "two", "half"))
+    assert one.keys() == two.keys() and len(one) > 50
+    worst = max((one[k] - two[k]).abs().max().item() for k in one)
+    print(f"stage 0 gradient, 2 ranks vs 1 rank: max abs difference {worst:.2e}")
+    assert worst <= 1e-6
+    assert max((one[k] - half[k]).abs().max().item() for k in one) > 1e-4  # negative control: half the batch
+
+
 def test_resume_continues_bit_for_bit(tmp_path):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     run(tmp_path, TINY + ["--steps", "6", "--save-every", "3", "--out", str(straight)])
