@@ -22,6 +22,7 @@ exactly. A second signal stops at once. Impossible settings are rejected before 
 """
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import sys
@@ -262,7 +263,11 @@ def replicate(module, device, table=None):
     if table is not None:
         names = [name for name, p in module.named_parameters() if p is table]
         DDP._set_params_and_buffers_to_ignore_for_model(module, names)
-    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    # the switch for the per-forward buffer broadcast is `broadcast_buffers` before torch 2.13
+    switch = "forward_sync_buffers"
+    if switch not in inspect.signature(DDP).parameters:
+        switch = "broadcast_buffers"
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, **{switch: False})
 
 
 def sync_table_rows(model: FlorenceVL, world: int):
@@ -585,6 +590,11 @@ def main(argv=None):
         for stage in stages:
             train_stage(args, stage, model, device, rank, world, log, history)
     except Interrupted:
+        # The checkpoint is written. When one worker exits, torchrun sends SIGTERM to the others; one that is
+        # already shutting down (where Python restores the default handlers) would die of it instead of
+        # exiting 143 like the rest, so from here on the stop signals are ignored.
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
         if dist.is_initialized():
             dist.destroy_process_group()
         sys.exit(128 + (STOP["signal"] or signal.SIGTERM))
