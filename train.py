@@ -270,11 +270,11 @@ def replicate(module, device, table=None):
     return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, **{switch: False})
 
 
-def sync_table_rows(model: FlorenceVL, world: int):
-    """Under DDP, after backward: the all-reduce (the mean over ranks, as DDP's) of the rows of the encoder
-    token table that `replicate` left out."""
+def sync_table_rows(ddp, model: FlorenceVL, world: int):
+    """After backward: when `ddp` is a DDP from `replicate`, the all-reduce (the mean over ranks, as DDP's) of
+    the rows of the encoder token table that it left out."""
     table = model.vision.encoder.embed_tokens.weight
-    if table.grad is None:  # frozen (finetune), or no prompts (fusion "low")
+    if not isinstance(ddp, DDP) or table.grad is None:  # one process / FSDP; frozen (finetune) or no prompts
         return
     rows = model.prompt_ids.unique()
     grad = table.grad[rows]
@@ -332,8 +332,7 @@ def train_vision_stage(args, model, device, rank, world, log):
         logits = ddp(pixels)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
         loss.backward()  # DDP averages over ranks: every rank has the same number of cells
-        if ddp is not net:
-            sync_table_rows(model, world)
+        sync_table_rows(ddp, model, world)
         for group in optimizer.param_groups:  # warm-up, then constant (the head is thrown away at the end)
             group["lr"] = (args.lr or 2e-3) * min(1.0, (step + 1) / max(1, args.warmup * args.vision_steps))
         torch.nn.utils.clip_grad_norm_(params, args.clip)
@@ -341,8 +340,8 @@ def train_vision_stage(args, model, device, rank, world, log):
         optimizer.zero_grad(set_to_none=True)
         hits, seen = hits + (logits.argmax(-1) == labels).sum().item(), seen + labels.numel()
         if (step + 1) % args.log_every == 0 or step + 1 == args.vision_steps:
-            loss_avg = all_sum(loss.item(), device) / world
-            acc = all_sum(hits, device) / all_sum(seen, device)
+            loss_sum, hits, seen = all_sum([loss.item(), hits, seen], device)
+            loss_avg, acc = loss_sum / world, hits / seen
             dt = time.time() - t_last
             log(f"vision step {step + 1:5d}/{args.vision_steps} | loss {loss_avg:.4f} | cells named right {acc:.1%} | "
                 f"{args.global_batch * args.log_every / dt:,.0f} images/s",
@@ -449,8 +448,7 @@ def train_stage(args, stage, model, device, rank, world, log, history):
             loss_sum += out.loss_sum.item()
             n_local += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
             tokens += int(b["attention_mask"].sum()) + int(b["has_image"].sum()) * (raw.num_visual_tokens - 1)
-        if isinstance(ddp, DDP):
-            sync_table_rows(raw, world)
+        sync_table_rows(ddp, raw, world)
         # the step's one collective besides the gradients: every rank gets the same totals and stop decision
         loss_sum, n_global, n_bad, tokens, stop = all_sum(
             [loss_sum, n_local, len(bad), tokens, float(STOP["signal"] > 0)], device)
