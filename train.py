@@ -22,7 +22,6 @@ exactly. A second signal stops at once. Impossible settings are rejected before 
 """
 import argparse
 import contextlib
-import inspect
 import json
 import math
 import sys
@@ -36,12 +35,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import read_weights, save_safetensors
-from data import DataError, LLaVADataset, ResumableSampler, collate, florence_preprocess
-from synthetic import CELL_CLASSES, PAD_TOKEN, SyntheticDataset, cell_labels, exact_match, synthetic_tokenizer
+from data import DataError, LLaVADataset, ResumableSampler, collate
+from synthetic import PAD_TOKEN, SyntheticDataset, exact_match, synthetic_tokenizer
 from fusion import IGNORE_INDEX, FlorenceVL, FlorenceVLConfig
 from train_checkpoint import (STAGES, barrier, checkpoint_name, find_checkpoint, full_model_state, is_sharded,
                               load_checkpoint, save_checkpoint, unwrap)
+from train_dist import (STOP, Interrupted, all_sum, install_signal_handlers, replicate, setup_distributed,
+                        sync_table_rows)
+from train_vision import train_vision_stage
 
 
 # DaViT's depthwise conv weights are (C, 1, 3, 3): their grads come back with stride 1 on the size-1 dim
@@ -142,49 +143,6 @@ def check_args(args, world: int, device):
         raise SystemExit("train.py: " + "\n  ".join(["impossible settings:", *problems]))
 
 
-# ---- signals: finish the step, save, exit --------------------------------------------------------------
-STOP = {"signal": 0}
-
-
-def _on_signal(signum, frame):
-    if STOP["signal"]:  # a second signal: stop now
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-    STOP["signal"] = signum
-
-
-def install_signal_handlers():
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, _on_signal)
-
-
-class Interrupted(Exception):
-    """A signal stopped training after a checkpoint was written."""
-
-
-# ---- processes -----------------------------------------------------------------------------------------
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python train.py` is a world of one."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = torch.cuda.is_available()
-    local = int(os.environ["LOCAL_RANK"])
-    if cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
-
-
-def all_sum(x: float | list[float], device) -> float | list[float]:
-    """The sum over ranks of a number, or of each number in a list (one collective for the whole list: on
-    gloo each all-reduce, however small, costs ~1.7 ms)."""
-    if not dist.is_initialized():
-        return x
-    t = torch.tensor(x if isinstance(x, list) else [x], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist() if isinstance(x, list) else t.item()
-
-
 class Log:
     """One line per step on rank 0: the console, and the same as JSONL in --out."""
 
@@ -248,112 +206,6 @@ def prepare(model, args):
             fully_shard(b)
         fully_shard(model)
     return model
-
-
-def replicate(module, device, table=None):
-    """Per stage: DDP over the parameters that train in this stage.
-
-    The Florence encoder reads only the three prompts' tokens, so its token table (51,289 rows; 57% of the
-    tiny default's gradient bytes, 158 MB with Florence-2-base) gets gradient in those few rows alone, the
-    same rows on every rank. DDP is told to leave the table out, and `sync_table_rows` all-reduces just
-    those rows after backward. The buffers are constants (the prompt ids, the sinusoidal temporal
-    embedding), so DDP does not broadcast them before each forward either."""
-    if not dist.is_initialized():
-        return module
-    if table is not None:
-        names = [name for name, p in module.named_parameters() if p is table]
-        DDP._set_params_and_buffers_to_ignore_for_model(module, names)
-    # the switch for the per-forward buffer broadcast is `broadcast_buffers` before torch 2.13
-    switch = "forward_sync_buffers"
-    if switch not in inspect.signature(DDP).parameters:
-        switch = "broadcast_buffers"
-    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, **{switch: False})
-
-
-def sync_table_rows(ddp, model: FlorenceVL, world: int):
-    """After backward: when `ddp` is a DDP from `replicate`, the all-reduce (the mean over ranks, as DDP's) of
-    the rows of the encoder token table that it left out."""
-    table = model.vision.encoder.embed_tokens.weight
-    if not isinstance(ddp, DDP) or table.grad is None:  # one process / FSDP; frozen (finetune) or no prompts
-        return
-    rows = model.prompt_ids.unique()
-    grad = table.grad[rows]
-    dist.all_reduce(grad)
-    table.grad[rows] = grad / world
-
-
-# ---- stage 0 (synthetic task only): a stand-in for Florence-2's own pretraining ---------------------------
-# Real runs start from a pretrained Florence-2 whose tower already names what is where. The tiny default's
-# tower is random, and trained only through the LLM it first learns where things are and takes ~1300 steps
-# to start reading colours, shapes and words (the default run stayed at ~15% held-out). So first, like
-# Florence-2's dense region pretraining, the tower and encoder learn to name the content of each of the
-# 9 cells: a linear head shared by the cells on the fused features (the last grid pooled to 3x3). The
-# head is then dropped; stages 1 and 2 follow the recipe unchanged.
-VISION_STAGE_FILE = "vision-stage0.safetensors"
-
-
-class CellNamer(torch.nn.Module):
-    def __init__(self, model: FlorenceVL):
-        super().__init__()
-        self.vision = model.vision  # registered here so that DDP syncs it (and not the idle LLM)
-        self.fused_features = model.fused_features
-        self.grid = model.cfg.vision.vision.grid(model.cfg.vision.image_size)
-        self.head = torch.nn.Linear(model.fusion.out_dim(model.cfg.vision.d_model), len(CELL_CLASSES))
-
-    def forward(self, pixel_values):  # (B, 3, S, S) -> (B, 9, classes)
-        features = self.fused_features(pixel_values)
-        (h, w), B, C = self.grid, features.shape[0], features.shape[-1]
-        grid = features[:, 1:1 + h * w].transpose(1, 2).reshape(B, C, h, w)  # without the mean token
-        cells = torch.nn.functional.adaptive_avg_pool2d(grid, 3).flatten(2).transpose(1, 2)  # (B, 9, C)
-        return self.head(cells)
-
-
-def train_vision_stage(args, model, device, rank, world, log):
-    out = Path(args.out)
-    if args.resume != "none" and (out / VISION_STAGE_FILE).is_file():
-        model.vision.load_state_dict(read_weights(out / VISION_STAGE_FILE))
-        log(f"vision stage: loaded {out / VISION_STAGE_FILE}")
-        return
-    S, per_rank = model.cfg.vision.image_size, args.global_batch // world
-    # drawn as in stage 1 (at the dataset's size, resized to S by preprocess)
-    data = SyntheticDataset("train", synthetic_size(args, "pretrain"), seed=args.seed, flavour="pretrain")
-    net = CellNamer(model).to(device)
-    ddp = replicate(net, device, model.vision.encoder.embed_tokens.weight)
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr or 2e-3, weight_decay=args.weight_decay, fused=True)
-    log(f"vision stage: {args.vision_steps} steps of {args.global_batch} images, a head naming the 9 cells "
-        f"({len(CELL_CLASSES)} classes) on the fused features")
-    t_last, hits, seen = time.time(), 0.0, 0.0
-    for step in range(args.vision_steps):
-        # each rank takes its own stride of the step's images; the data wraps around after an epoch
-        idx = [(step * args.global_batch + rank + k * world) % len(data) for k in range(per_rank)]
-        pixels = florence_preprocess([data.image(i) for i in idx], pad_to_square=False, size=S).to(device)
-        labels = torch.tensor([cell_labels(data.sample(i).scene) for i in idx], device=device)
-        logits = ddp(pixels)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
-        loss.backward()  # DDP averages over ranks: every rank has the same number of cells
-        sync_table_rows(ddp, model, world)
-        for group in optimizer.param_groups:  # warm-up, then constant (the head is thrown away at the end)
-            group["lr"] = (args.lr or 2e-3) * min(1.0, (step + 1) / max(1, args.warmup * args.vision_steps))
-        torch.nn.utils.clip_grad_norm_(params, args.clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        hits, seen = hits + (logits.argmax(-1) == labels).sum().item(), seen + labels.numel()
-        if (step + 1) % args.log_every == 0 or step + 1 == args.vision_steps:
-            loss_sum, hits, seen = all_sum([loss.item(), hits, seen], device)
-            loss_avg, acc = loss_sum / world, hits / seen
-            dt = time.time() - t_last
-            log(f"vision step {step + 1:5d}/{args.vision_steps} | loss {loss_avg:.4f} | cells named right {acc:.1%} | "
-                f"{args.global_batch * args.log_every / dt:,.0f} images/s",
-                stage="vision", step=step + 1, loss=loss_avg, cell_accuracy=acc)
-            t_last, hits, seen = time.time(), 0.0, 0.0
-        if all_sum(float(STOP["signal"] > 0), device) > 0:  # stage 0 is short: it is redone on resume
-            log(f"stopped by a signal in the vision stage at step {step + 1}; --resume auto starts it again")
-            raise Interrupted()
-    if rank == 0:  # atomic: a crash leaves no half-written file
-        save_safetensors({k: v.cpu() for k, v in model.vision.state_dict().items()}, out / VISION_STAGE_FILE)
-    barrier()
-
 
 # ---- the loop ------------------------------------------------------------------------------------------
 def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
@@ -553,7 +405,8 @@ def draw_loss_curve(history: list, path: Path):
     y = lambda v: H - m - (H - 1.5 * m) * (v - lo) / max(hi - lo, 1e-9)
     colours = {"pretrain": (30, 90, 200), "finetune": (220, 90, 30)}
     for i in range(1, len(history)):
-        d.line([x(i - 1), y(losses[i - 1]), x(i), y(losses[i])], fill=colours.get(history[i]["stage"], "black"), width=2)
+        d.line([x(i - 1), y(losses[i - 1]), x(i), y(losses[i])], fill=colours.get(history[i]["stage"], "black"),
+               width=2)
     d.text((m, H - m + 8), f"step 1 .. {len(history)}   (blue: pretrain, orange: finetune)", fill="black")
     d.text((4, m // 2), f"{hi:.3f}", fill="black")
     d.text((4, H - m - 10), f"{lo:.3f}", fill="black")
@@ -583,7 +436,7 @@ def main(argv=None):
     try:
         if (args.model == "tiny" and not (args.florence or args.data or args.text_only) and args.vision_steps
                 and find_checkpoint(out, args.resume) is None):  # a checkpoint of stage 1 or 2 holds the tower
-            train_vision_stage(args, model, device, rank, world, log)
+            train_vision_stage(args, model, device, rank, world, log, synthetic_size(args, "pretrain"))
         model = prepare(model, args)  # after stage 0: FSDP replaces the parameters
         for stage in stages:
             train_stage(args, stage, model, device, rank, world, log, history)

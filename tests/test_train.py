@@ -97,7 +97,7 @@ def test_two_ranks_equal_one_rank_with_twice_the_accumulation(tmp_path):
 
 def test_only_the_prompt_rows_of_the_encoder_token_table_get_gradient():
     """Under DDP the Florence encoder's token table is left out of the gradient all-reduce and only the rows
-    of the prompts' tokens are summed (train.replicate / sync_table_rows): exact only while no other row
+    of the prompts' tokens are summed (train_dist.replicate / sync_table_rows): exact only while no other row
     of the table gets gradient."""
     torch.manual_seed(0)
     args = train.parse_args([])
