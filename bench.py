@@ -54,6 +54,7 @@ REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 from florence_encoder import FlorenceConfig, FlorenceVision, prompt_ids  # noqa: E402
 from fusion import IGNORE_INDEX, IMAGE_TOKEN_INDEX, FlorenceVL, FlorenceVLConfig  # noqa: E402
+from generate import generate  # noqa: E402
 from model import LLM, PHI35_LONG_FACTOR, PHI35_SHORT_FACTOR, LLMConfig  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))  # the reference side is built as in the parity tests
@@ -316,7 +317,7 @@ def case_decode(args, device, dtype):
     rows = []
     for B in (1, 8):
         ids = torch.randint(3, 32000, (B, 32), generator=torch.Generator().manual_seed(B)).to(device)
-        run_ours = lambda: ours.generate(ids, max_new_tokens=n, stop_ids=())  # noqa: E731
+        run_ours = lambda: generate(ours, ids, max_new_tokens=n, stop_ids=())  # noqa: E731
         run_ref = lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,  # noqa: E731
                                       min_new_tokens=n, do_sample=False, pad_token_id=0)[:, ids.shape[1]:].tolist()
         a, b = run_ours(), run_ref()
@@ -326,7 +327,7 @@ def case_decode(args, device, dtype):
         if B == 1:  # what a decode step cannot avoid: reading every weight matrix once
             matrices = [m.weight for m in ours.modules() if isinstance(m, nn.Linear)]
             x = {w.shape[1]: torch.randn(1, w.shape[1], device=device, dtype=dtype) for w in matrices}
-            fns["prefill"] = lambda: ours.generate(ids, max_new_tokens=1, stop_ids=())
+            fns["prefill"] = lambda: generate(ours, ids, max_new_tokens=1, stop_ids=())
             fns["weights"] = lambda: [F.linear(x[w.shape[1]], w) for w in matrices]
         t = race(fns, args.repeats, args.warmup, device)
         if B == 1:
@@ -413,8 +414,8 @@ def measure_decode(cfg: LLMConfig, prompt: int, n: int, args, device):
     with device:
         llm = LLM(cfg).to(torch.bfloat16).eval()
     ids = torch.randint(0, cfg.vocab_size, (1, prompt), device=device)
-    t = race({"prefill+1": lambda: llm.generate(ids, max_new_tokens=1, stop_ids=()),
-              f"prefill+{n + 1}": lambda: llm.generate(ids, max_new_tokens=n + 1, stop_ids=())},
+    t = race({"prefill+1": lambda: generate(llm, ids, max_new_tokens=1, stop_ids=()),
+              f"prefill+{n + 1}": lambda: generate(llm, ids, max_new_tokens=n + 1, stop_ids=())},
              args.repeats, args.warmup, device)
     per_token = (t[f"prefill+{n + 1}"] - t["prefill+1"]) / n
     weights = sum(p.numel() * p.element_size() for name, p in llm.named_parameters() if name != "embed_tokens.weight")

@@ -24,7 +24,7 @@ import tokenizers
 import numpy as np
 from PIL import Image, ImageOps
 
-import model
+import tokenizer as tok
 
 IMAGE_TOKEN = '<image>'
 IMAGE_TOKEN_INDEX = -200  # stands for the visual tokens in input_ids (facts file, section 4)
@@ -145,11 +145,11 @@ def record_warnings(record) -> list[str]:
 # Inference must build its prompt the same way (tokenize_prompt), not by encoding render_chat's
 # string: with BPE/SentencePiece the two can differ at piece boundaries.
 
-def _as_tokenizer(tokenizer) -> model.Tokenizer:
-    return model.Tokenizer(tokenizer) if isinstance(tokenizer, tokenizers.Tokenizer) else tokenizer
+def _as_tokenizer(tokenizer) -> tok.Tokenizer:
+    return tok.Tokenizer(tokenizer) if isinstance(tokenizer, tokenizers.Tokenizer) else tokenizer
 
 
-def _encode(tokenizer: model.Tokenizer, text: str) -> list[int]:
+def _encode(tokenizer: tok.Tokenizer, text: str) -> list[int]:
     """Text to ids; each <image> becomes IMAGE_TOKEN_INDEX and the text around it is encoded separately."""
     ids: list[int] = []
     for j, part in enumerate(text.split(IMAGE_TOKEN)):
@@ -160,7 +160,7 @@ def _encode(tokenizer: model.Tokenizer, text: str) -> list[int]:
     return ids
 
 
-def _bos(tokenizer: model.Tokenizer) -> list[int]:
+def _bos(tokenizer: tok.Tokenizer) -> list[int]:
     """What the tokenizer's post-processor puts before the text (<|begin_of_text|> for Llama 3, none
     for a tokenizer without one). The plain template starts with it, as LLaVA's tokenizer_image_token."""
     bare = tokenizer.encode('a', add_special_tokens=False)
@@ -194,7 +194,7 @@ def _pieces(conversations: list[dict], tokenizer, template, has_image: bool,
             yield tokenizer.encode('\n'), True
         return
 
-    t = model.TEMPLATES[name] if isinstance(template, str) else template
+    t = tok.TEMPLATES[name] if isinstance(template, str) else template
     yield tokenizer.encode(t.system), False
     image_pending = has_image and n_image == 0  # LLaVA convention: then the image leads the first human turn
     for turn in conversations:
@@ -214,10 +214,10 @@ def _pieces(conversations: list[dict], tokenizer, template, has_image: bool,
         yield tokenizer.encode(t.assistant), False
 
 
-def tokenize_conversation(conversations: list[dict], tokenizer, template: str | model.ChatTemplate,
+def tokenize_conversation(conversations: list[dict], tokenizer, template: str | tok.ChatTemplate,
                           has_image: bool) -> tuple[list[int], list[int]]:
     """LLaVA turns -> (input_ids, labels), labels = ids on assistant replies and their end tokens,
-    IGNORE_INDEX elsewhere. template: 'plain', 'llama3', 'phi3' or a model.ChatTemplate."""
+    IGNORE_INDEX elsewhere. template: 'plain', 'llama3', 'phi3' or a tok.ChatTemplate."""
     input_ids: list[int] = []
     labels: list[int] = []
     for ids, supervised in _pieces(conversations, tokenizer, template, has_image, generation_prompt=False):
@@ -226,7 +226,7 @@ def tokenize_conversation(conversations: list[dict], tokenizer, template: str | 
     return input_ids, labels
 
 
-def tokenize_prompt(conversations: list[dict], tokenizer, template: str | model.ChatTemplate,
+def tokenize_prompt(conversations: list[dict], tokenizer, template: str | tok.ChatTemplate,
                     has_image: bool) -> list[int]:
     """Prompt ids for generation: the turns so far (ending with a human turn), then the assistant
     prefix (chat templates) or just [BOS] <image> (plain), tokenized exactly as in training."""
@@ -280,7 +280,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     max_warnings = 10  # drop warnings shown per dataset; every drop is counted in self.dropped
 
-    def __init__(self, tokenizer, template: str | model.ChatTemplate, *, num_image_tokens: int = 577,
+    def __init__(self, tokenizer, template: str | tok.ChatTemplate, *, num_image_tokens: int = 577,
                  max_len: int | None = 2048, size: int = 768, pad_to_square: bool | None = None,
                  preprocess: Callable[..., torch.Tensor] | None = None):
         name = template if isinstance(template, str) else template.name
@@ -561,7 +561,7 @@ def main(argv=None) -> int:
     tokenizer = None
     if args.tokenizer:
         try:
-            tokenizer = model.Tokenizer(args.tokenizer)
+            tokenizer = tok.Tokenizer(args.tokenizer)
         except Exception as e:  # tokenizers raises its own Exception type for a bad file
             print(f'cannot read the tokenizer {args.tokenizer}: {e}', file=sys.stderr)
             return 1

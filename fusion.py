@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from checkpoint import (CheckpointError, check_state_dict, read_config, read_weights, resolve, save_safetensors, shapes,
                         weight_files, write_text_atomic)
 from florence_encoder import FlorenceConfig, FlorenceVision, prompt_ids, to_original_state_dict
-from model import LLM, LLMConfig, Tokenizer
+from generate import generate
+from model import LLM, LLMConfig
+from tokenizer import Tokenizer
 
 IMAGE_TOKEN_INDEX = -200  # the <image> placeholder in input_ids
 IGNORE_INDEX = -100       # labels that are not supervised
@@ -229,7 +231,7 @@ class FlorenceVL(nn.Module):
     def generate(self, input_ids, attention_mask=None, pixel_values=None, **kwargs):
         """Answer a batch of prompts (with or without images); kwargs go to LLM.generate."""
         embeds, mask, _ = self.prepare_inputs(input_ids, attention_mask, pixel_values)
-        return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        return generate(self.llm, inputs_embeds=embeds, attention_mask=mask, **kwargs)
 
     # ---- training stages -----------------------------------------------------------------------------
     def set_stage(self, stage: str):

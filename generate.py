@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from model import LLM, KVCache, Tokenizer
+from model import LLM, KVCache
+from tokenizer import StreamDecoder, Tokenizer
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -112,30 +113,3 @@ def stream_text(llm: LLM, tokenizer: Tokenizer, input_ids, inputs_embeds=None, *
     rest = decoder.flush()
     if rest:
         yield rest
-
-
-class StreamDecoder:
-    """Incremental detokenization: put ids one at a time, get back only the newly completed text.
-
-    Decoding token by token breaks multi-byte characters split across tokens (byte-level BPE) and
-    drops the leading space of SentencePiece pieces. So each step decodes a short window that starts
-    a little before the new ids, emits what the new ids added, and holds text back while it still
-    ends in an incomplete character (U+FFFD). Cost per step stays constant as the text grows."""
-
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
-        self.tokenizer, self.skip = tokenizer, skip_special_tokens
-        self.ids: list[int] = []
-        self.prefix = 0  # window start: already emitted ids kept as left context
-        self.read = 0    # ids before this index have been emitted
-
-    def put(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        return self.flush(final=False)
-
-    def flush(self, final: bool = True) -> str:
-        done = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=self.skip)
-        text = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=self.skip)
-        if len(text) <= len(done) or (text.endswith('\ufffd') and not final):
-            return ''
-        self.prefix, self.read = self.read, len(self.ids)
-        return text[len(done):]

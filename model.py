@@ -1,4 +1,4 @@
-"""The language model of Florence-VL: the Llama-3.1 / Phi-3.5 decoder, its tokenizer and chat templates.
+"""The language model of Florence-VL: the Llama-3.1 / Phi-3.5 decoder.
 
 One decoder-only Transformer serves both families (Florence-VL 8B reads Llama-3.1-8B-Instruct, 3B reads
 Phi-3.5-mini-instruct): pre-RMSNorm blocks, rotary embeddings (plain, Llama-3 scaled, or Phi-3
@@ -7,16 +7,15 @@ LongRoPE), grouped-query attention through F.scaled_dot_product_attention, SwiGL
 Internally the projections are fused (qkv_proj, gate_up_proj; one matmul instead of three / two), as
 in Phi-3 checkpoints; Llama checkpoints are concatenated on load and split again on save.
 
-Generation (KV-cache prefill + decode, sampling, streaming) lives in generate.py; LLM.generate calls it.
+Generation (KV-cache prefill + decode, sampling, streaming) lives in generate.py, the tokenizer and
+chat templates in tokenizer.py.
 """
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
-import tokenizers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -395,12 +394,6 @@ class LLM(nn.Module):
             allowed = allowed & key_valid[:, None, :] | (k_slot == q_slot)
         return allowed[:, None], False                                         # (B, 1, T, S)
 
-    @torch.no_grad()
-    def generate(self, *args, **kwargs):
-        """KV-cache generation; see generate.generate for the arguments."""
-        from generate import generate  # generation lives in its own file; it imports this one
-        return generate(self, *args, **kwargs)
-
     # ---- checkpoints in Hugging Face layout ---------------------------------------------------
     def hf_state_dict(self, ours: dict | None = None) -> dict[str, torch.Tensor]:
         """Our weights under HF names, in the family's own layout (Llama: separate q/k/v and gate/up;
@@ -508,88 +501,3 @@ def hf_layout(cfg: LLMConfig) -> dict[str, list[tuple[str, int | None]]]:
     if not cfg.tie_word_embeddings:
         table['lm_head.weight'] = [('lm_head.weight', None)]
     return table
-
-
-# ----------------------------------------------------------------------------------------------
-# Chat templates (facts file, section 4): system block, then per message role + text + end token.
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    name: str
-    system: str     # the whole system block including its end token
-    user: str       # role prefix before a user message
-    assistant: str  # role prefix before an assistant message
-    end: str        # end token after each message
-
-
-TEMPLATES: dict[str, ChatTemplate] = {
-    'llama3': ChatTemplate(
-        name='llama3',
-        system='<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n'
-               'A chat between a curious user and an artificial intelligence assistant. '
-               "The assistant gives helpful, detailed, and polite answers to the user's questions."
-               '<|eot_id|>',
-        user='<|start_header_id|>user<|end_header_id|>\n\n',
-        assistant='<|start_header_id|>assistant<|end_header_id|>\n\n',
-        end='<|eot_id|>',
-    ),
-    'phi3': ChatTemplate(
-        name='phi3',
-        system='<|system|>\nYou are a helpful AI assistant.<|end|>',
-        user='\n<|user|>\n',
-        assistant='\n<|assistant|>\n',
-        end='<|end|>',
-    ),
-}
-
-
-def render_chat(template: ChatTemplate | str, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """messages: [{'role': 'user'|'assistant', 'content': str}, ...] -> the prompt string.
-
-    With add_generation_prompt the string ends with the assistant role prefix, ready to generate."""
-    t = TEMPLATES[template] if isinstance(template, str) else template
-    roles = {'user': t.user, 'assistant': t.assistant}
-    parts = [t.system]
-    for m in messages:
-        if m['role'] not in roles:
-            raise ValueError(f"unknown role {m['role']!r} (expected 'user' or 'assistant')")
-        parts.append(roles[m['role']] + m['content'] + t.end)
-    if add_generation_prompt:
-        parts.append(t.assistant)
-    return ''.join(parts)
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizer: a thin wrapper over a `tokenizers.Tokenizer` (tokenizer.json of the HF repo).
-
-# Tokens that end a reply in either family; whichever exist in the vocabulary are used.
-END_TOKENS = ('<|eot_id|>', '<|end_of_text|>', '<|end|>', '<|endoftext|>')
-
-
-class Tokenizer:
-    def __init__(self, tok: tokenizers.Tokenizer | str | Path):
-        if isinstance(tok, (str, Path)):
-            path = Path(tok)
-            tok = tokenizers.Tokenizer.from_file(str(path / 'tokenizer.json' if path.is_dir() else path))
-        self.tok = tok
-        self.end_ids = [i for i in (tok.token_to_id(t) for t in END_TOKENS) if i is not None]
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        # Special tokens written in the text (<|eot_id|>, ...) are always matched as single ids;
-        # add_special_tokens only controls the post-processor (e.g. a prepended <|begin_of_text|>).
-        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def token_to_id(self, token: str) -> int | None:
-        return self.tok.token_to_id(token)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tok.get_vocab_size(with_added_tokens=True)
-
-    def stream(self, skip_special_tokens: bool = True):
-        """A streaming-safe incremental decoder (put one id, get the new text): generate.StreamDecoder."""
-        from generate import StreamDecoder  # lives with the generation loop that feeds it
-        return StreamDecoder(self, skip_special_tokens)

@@ -24,7 +24,7 @@ import tokenizers
 from PIL import Image, ImageDraw, ImageFont
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-import model
+from tokenizer import Tokenizer
 from data import IMAGE_TOKEN, ConversationDataset
 
 COLORS = {'red': (220, 30, 30), 'green': (30, 160, 50), 'blue': (30, 70, 220), 'yellow': (235, 190, 0)}
@@ -304,7 +304,7 @@ def synthetic_corpus() -> list[str]:
 
 
 @functools.lru_cache(maxsize=1)
-def synthetic_tokenizer() -> model.Tokenizer:
+def synthetic_tokenizer() -> Tokenizer:
     """Deterministic: BPE training on a sorted corpus breaks ties by pair order, not by chance."""
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -312,4 +312,4 @@ def synthetic_tokenizer() -> model.Tokenizer:
     trainer = trainers.BpeTrainer(vocab_size=1024, min_frequency=1, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(synthetic_corpus(), trainer)
-    return model.Tokenizer(tok)
+    return Tokenizer(tok)

@@ -13,7 +13,7 @@ from PIL import Image
 from tokenizers import Regex, models, pre_tokenizers, processors
 
 import data
-import model
+from tokenizer import Tokenizer
 from data import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, DataError, LLaVADataset, ResumableSampler, collate,
                   expanded_length, tokenize_conversation, tokenize_prompt, truncate, validate_record)
 
@@ -25,7 +25,7 @@ WORDS = ['\n', '.', ',', '?', 'system', 'user', 'assistant', 'A', 'chat', 'betwe
          'the', "user's", 'questions', 'You', 'are', 'AI', 'What', 'is', 'this', 'cat', 'Describe', 'it',
          'red', 'dog', 'Where', 'top', 'left', 'color', 'Hi', 'hello']
 
-# The system blocks of model.TEMPLATES, spelled out by hand.
+# The system blocks of tokenizer.TEMPLATES, spelled out by hand.
 PHI3_SYSTEM = ['<|system|>', '\n', 'You', 'are', 'a', 'helpful', 'AI', 'assistant', '.', '<|end|>']
 LLAMA3_SYSTEM = ['<|begin_of_text|>', '<|start_header_id|>', 'system', '<|end_header_id|>', '\n', '\n',
                  'A', 'chat', 'between', 'a', 'curious', 'user', 'and', 'an', 'artificial', 'intelligence',
@@ -35,7 +35,7 @@ LLAMA3_USER = ['<|start_header_id|>', 'user', '<|end_header_id|>', '\n', '\n']
 LLAMA3_ASSISTANT = ['<|start_header_id|>', 'assistant', '<|end_header_id|>', '\n', '\n']
 
 
-def word_tokenizer(bos: bool = False) -> model.Tokenizer:
+def word_tokenizer(bos: bool = False) -> Tokenizer:
     """Spaces separate tokens; '\\n' and punctuation are tokens of their own."""
     vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
     tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
@@ -45,7 +45,7 @@ def word_tokenizer(bos: bool = False) -> model.Tokenizer:
     if bos:  # a post-processor that prepends BOS, as Llama 3's does
         tok.post_processor = processors.TemplateProcessing(
             single='<|begin_of_text|> $A', special_tokens=[('<|begin_of_text|>', vocab['<|begin_of_text|>'])])
-    return model.Tokenizer(tok)
+    return Tokenizer(tok)
 
 
 TOK = word_tokenizer()

@@ -18,7 +18,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from checkpoint import CheckpointError  # noqa: E402
 from generate import StreamDecoder, generate, sample, stream_text  # noqa: E402
-from model import LLM, KVCache, LLMConfig, TEMPLATES, Tokenizer, render_chat  # noqa: E402
+from model import LLM, KVCache, LLMConfig  # noqa: E402
+from tokenizer import TEMPLATES, Tokenizer, render_chat  # noqa: E402
 from helpers import random_hf_model
 
 VOCAB = 128
@@ -304,16 +305,16 @@ def test_greedy_generation_matches_transformers_batched():
     ids, mask, left_ids, left_mask = _prompts([12, 5, 9])
     theirs = hf_generate(hf, left_ids, left_mask, 40)
     assert all(len(set(r)) >= 15 for r in theirs)  # not a degenerate repetition
-    assert ours.generate(ids, attention_mask=mask, max_new_tokens=40, stop_ids=()) == theirs        # right padded
-    assert ours.generate(left_ids, attention_mask=left_mask, max_new_tokens=40, stop_ids=()) == theirs  # left padded
+    assert generate(ours, ids, attention_mask=mask, max_new_tokens=40, stop_ids=()) == theirs        # right padded
+    assert generate(ours, left_ids, attention_mask=left_mask, max_new_tokens=40, stop_ids=()) == theirs  # left padded
     # generation from embeddings (how Florence-VL feeds image tokens) gives the same tokens
     embeds = ours.embed_tokens(ids).detach()
-    assert ours.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=40, stop_ids=()) == theirs
+    assert generate(ours, inputs_embeds=embeds, attention_mask=mask, max_new_tokens=40, stop_ids=()) == theirs
     # stopping: make a token the first sample emits mid-way the eos; both stop there, others go on
     eos = theirs[0][10]
     theirs_eos = hf_generate(hf, left_ids, left_mask, 40, eos)
     streamed = [[] for _ in range(3)]
-    mine = ours.generate(ids, attention_mask=mask, max_new_tokens=40, stop_ids=[eos],
+    mine = generate(ours, ids, attention_mask=mask, max_new_tokens=40, stop_ids=[eos],
                          stream=lambda b, t: streamed[b].append(t))
     assert mine == theirs_eos == streamed and len(mine[0]) <= 10
 
@@ -326,7 +327,7 @@ def test_longrope_generation_crossing_original_context_matches_transformers():
     ids, mask, _, _ = _prompts([20])
     theirs = hf_generate(hf, ids, mask, 32)
     assert len(set(theirs[0])) >= 12
-    assert ours.generate(ids, max_new_tokens=32, stop_ids=()) == theirs
+    assert generate(ours, ids, max_new_tokens=32, stop_ids=()) == theirs
 
 
 def test_sampling():
@@ -409,7 +410,7 @@ def test_stream_text_yields_the_generated_reply(bpe_tokenizer):
     torch.manual_seed(0)
     llm = LLM(cfg).eval()
     prompt = bpe_tokenizer.encode(render_chat('llama3', MESSAGES[:1]))
-    ids = llm.generate(torch.tensor([prompt]), max_new_tokens=12, stop_ids=bpe_tokenizer.end_ids)[0]
+    ids = generate(llm, torch.tensor([prompt]), max_new_tokens=12, stop_ids=bpe_tokenizer.end_ids)[0]
     text = ''.join(stream_text(llm, bpe_tokenizer, prompt, max_new_tokens=12))
     assert text == bpe_tokenizer.decode(ids, skip_special_tokens=True) and isinstance(StreamDecoder(bpe_tokenizer), StreamDecoder)
     assert generate(llm, torch.tensor([prompt]), max_new_tokens=12, stop_ids=bpe_tokenizer.end_ids)[0] == ids
