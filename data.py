@@ -1,8 +1,8 @@
 """Data for Florence-VL: LLaVA conversations -> input ids and labels, images, batches, sampling.
 
     record {"id", "image", "conversations": [{"from": "human"|"gpt", "value": ...}, ...]}
-      -> tokenize_conversation: ids and labels built piece by piece (template text, messages,
-         end tokens), so exactly the assistant replies and their end tokens are supervised
+      -> tokenize_conversation: ids as the official code builds them (rendered template, cut at <image>),
+         labels from token offsets, so exactly the assistant replies and their end tokens are supervised
       -> truncate: at most max_len tokens once the image placeholder is expanded
       -> image: RGB, resized (pretrain) or padded (finetune) to a square by florence_encoder.preprocess
       -> collate: right padding into (B, T) tensors; the -200 placeholder stays for the model to splice
@@ -137,103 +137,120 @@ def record_warnings(record) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenization, turn by turn. Every piece (system block, role prefix, message text, end token) is
-# encoded on its own and the pieces are concatenated, so a label boundary can never fall inside a
-# token: the mask is exact by construction, multi-turn included. The official code instead splits
-# the rendered string and re-tokenizes, and masks whole samples when the lengths disagree.
+# Tokenization, as the official code builds its ids. The released checkpoints were trained on them:
+#   1. LLaVA's preprocess_multimodal moves <image> to the front of its turn: "<image>\n" + text.strip()
+#   2. the conversation is rendered to one string (conversation.py; plain: "<image>" + caption + "\n")
+#   3. tokenizer_image_token: the string is cut at <image>, each chunk is tokenized with the LLM
+#      tokenizer's own call (which may prepend BOS to every chunk), the first chunk's BOS is kept and
+#      the later chunks' dropped. Llama-3's tokenizer prepends <|begin_of_text|> and the llama3 template
+#      starts with a literal one, so its ids begin 128000, 128000, 128006.
+# Labels are not the official code's (it re-tokenizes split strings and, on a length mismatch, masks
+# the whole sample: every multi-turn llama3 sample). Here each token is supervised exactly when its
+# first character lies in an assistant reply or that reply's end token, read off the tokenizer's
+# offsets: correct by construction, multi-turn included. (A token that starts before a reply and runs
+# into it, e.g. "\n\n\n" when a llama3 reply starts with "\n", stays unsupervised.)
 #
-# Inference must build its prompt the same way (tokenize_prompt), not by encoding render_chat's
-# string: with BPE/SentencePiece the two can differ at piece boundaries.
+# style "clean" keeps two of this project's earlier choices instead: one BOS, and <image> where the
+# record has it. Both styles put the image of a record without <image> before its first human turn
+# (the official code silently drops such an image).
 
-def _as_tokenizer(tokenizer) -> tok.Tokenizer:
+PROMPT_STYLES = ('official', 'clean')
+
+
+def _as_tokenizer(tokenizer):
     return tok.Tokenizer(tokenizer) if isinstance(tokenizer, tokenizers.Tokenizer) else tokenizer
 
 
-def _encode(tokenizer: tok.Tokenizer, text: str) -> list[int]:
-    """Text to ids; each <image> becomes IMAGE_TOKEN_INDEX and the text around it is encoded separately."""
-    ids: list[int] = []
-    for j, part in enumerate(text.split(IMAGE_TOKEN)):
-        if j:
-            ids.append(IMAGE_TOKEN_INDEX)
-        if part:
-            ids += tokenizer.encode(part, add_special_tokens=False)
-    return ids
-
-
-def _bos(tokenizer: tok.Tokenizer) -> list[int]:
-    """What the tokenizer's post-processor puts before the text (<|begin_of_text|> for Llama 3, none
-    for a tokenizer without one). The plain template starts with it, as LLaVA's tokenizer_image_token."""
-    bare = tokenizer.encode('a', add_special_tokens=False)
-    full = tokenizer.encode('a', add_special_tokens=True)
-    for i in range(len(full) - len(bare) + 1):
-        if full[i:i + len(bare)] == bare:
-            return full[:i]
-    return []
-
-
-def _pieces(conversations: list[dict], tokenizer, template, has_image: bool,
-            generation_prompt: bool) -> Iterator[tuple[list[int], bool]]:
-    """Yields (ids, supervised) pieces of one conversation in order."""
-    tokenizer = _as_tokenizer(tokenizer)
-    name = template if isinstance(template, str) else template.name
-    n_image = sum(t['value'].count(IMAGE_TOKEN) for t in conversations if t['from'] == 'human')
+def _check_turns(conversations: list[dict], has_image: bool) -> None:
+    n_image = sum(t['value'].count(IMAGE_TOKEN) for t in conversations)
     if not has_image and n_image:
         raise ValueError(f'{IMAGE_TOKEN} in the text of a sample without an image')
     if n_image > 1:
         raise ValueError(f'{n_image} {IMAGE_TOKEN} tokens; one image per sample is supported')
-
-    if name == 'plain':
-        # Pretraining (facts, section 4): the human turn is replaced by <image> alone; then the
-        # caption and '\n', both supervised.
-        expected = 1 if generation_prompt else 2
-        if len(conversations) != expected:
-            raise ValueError(f'the plain template takes {expected} turn(s) (human, gpt), got {len(conversations)}')
-        yield _bos(tokenizer) + ([IMAGE_TOKEN_INDEX] if has_image else []), False
-        if not generation_prompt:
-            yield _encode(tokenizer, conversations[1]['value']), True
-            yield tokenizer.encode('\n'), True
-        return
-
-    t = tok.TEMPLATES[name] if isinstance(template, str) else template
-    yield tokenizer.encode(t.system), False
-    image_pending = has_image and n_image == 0  # LLaVA convention: then the image leads the first human turn
-    for turn in conversations:
-        text = turn['value']
-        if turn['from'] == 'human':
-            if image_pending:
-                text, image_pending = IMAGE_TOKEN + '\n' + text, False
-            yield tokenizer.encode(t.user) + _encode(tokenizer, text) + tokenizer.encode(t.end), False
-        elif turn['from'] == 'gpt':
-            if IMAGE_TOKEN in text:
-                raise ValueError(f'{IMAGE_TOKEN} in a gpt reply')
-            yield tokenizer.encode(t.assistant), False
-            yield tokenizer.encode(text) + tokenizer.encode(t.end), True  # the reply and its end token
-        else:
+    for j, turn in enumerate(conversations):
+        if turn['from'] not in ROLES:
             raise ValueError(f'unknown role {turn["from"]!r} (expected "human" or "gpt")')
+        if turn['from'] != ROLES[j % 2]:
+            raise ValueError(f'turn {j} is from {turn["from"]!r}: turns alternate, starting with human')
+        if turn['from'] == 'gpt' and IMAGE_TOKEN in turn['value']:
+            raise ValueError(f'{IMAGE_TOKEN} in a gpt reply')
+
+
+def render(conversations: list[dict], template, has_image: bool, generation_prompt: bool = False,
+           style: str = 'official') -> tuple[str, list[tuple[int, int]]]:
+    """One conversation as the official code renders it, and the [start, end) character spans that are
+    supervised (each reply with its end token). generation_prompt: the turns end with a human one and
+    the text ends where the reply would begin."""
+    if style not in PROMPT_STYLES:
+        raise ValueError(f'unknown prompt style {style!r}; expected one of {PROMPT_STYLES}')
+    _check_turns(conversations, has_image)
+    name = template if isinstance(template, str) else template.name
+    texts = [t['value'] for t in conversations]
+    if has_image and not any(IMAGE_TOKEN in t for t in texts):
+        texts[0] = IMAGE_TOKEN + '\n' + texts[0]
+    elif has_image and style == 'official':
+        texts = [(IMAGE_TOKEN + '\n' + t.replace(IMAGE_TOKEN, '').strip()).strip() if IMAGE_TOKEN in t else t
+                 for t in texts]
+    if name == 'plain':
+        expected = 1 if generation_prompt else 2
+        if len(texts) != expected:
+            raise ValueError(f'the plain template takes {expected} turn(s) (human, gpt), got {len(texts)}')
+        image = IMAGE_TOKEN if has_image else ''
+        if not generation_prompt:  # preprocess_plain: the human turn becomes <image> alone
+            return image + texts[1] + '\n', [(len(image), len(image) + len(texts[1]) + 1)]
+        # at inference, the official PLAIN separator style: "<image>\n{question}\n"; no question: the
+        # training prefix "<image>" alone, after which the model writes a caption
+        question = texts[0].replace(IMAGE_TOKEN, '').strip()
+        return (image + '\n' + question + '\n' if question else image), []
+    t = tok.TEMPLATES[name] if isinstance(template, str) else template
+    parts, spans, length = [t.system], [], len(t.system)
+    for turn, text in zip(conversations, texts):
+        role = t.user if turn['from'] == 'human' else t.assistant
+        parts.append(role + text + t.end)
+        if turn['from'] == 'gpt':
+            spans.append((length + len(role), length + len(parts[-1])))
+        length += len(parts[-1])
     if generation_prompt:
-        yield tokenizer.encode(t.assistant), False
+        if conversations[-1]['from'] != 'human':
+            raise ValueError('a prompt ends with a human turn')
+        parts.append(t.assistant)
+    return ''.join(parts), spans
+
+
+def tokenize_text(text: str, tokenizer, spans=(), style: str = 'official') -> tuple[list[int], list[int]]:
+    """tokenizer_image_token over a rendered string, with labels: (ids, labels), <image> -> IMAGE_TOKEN_INDEX,
+    a token supervised when it starts inside one of the spans."""
+    tokenizer = _as_tokenizer(tokenizer)
+    chunks, base = [], 0
+    for part in text.split(IMAGE_TOKEN):
+        chunks.append([(i, base + start) for i, start in tokenizer.encode_offsets(part, add_special_tokens=True)])
+        base += len(part) + len(IMAGE_TOKEN)
+    bos = tokenizer.bos_token_id
+    skip = 1 if bos is not None and chunks[0] and chunks[0][0][0] == bos else 0  # each chunk's own BOS
+    pairs = chunks[0][:skip]
+    for j, chunk in enumerate(chunks):
+        pairs += ([(IMAGE_TOKEN_INDEX, -1)] if j else []) + chunk[skip:]
+    if style == 'clean' and skip and len(pairs) > 1 and pairs[1][0] == bos:
+        pairs = pairs[1:]  # the template's literal BOS stays, the tokenizer's automatic one goes
+    ids = [i for i, _ in pairs]
+    labels = [i if any(a <= start < b for a, b in spans) else IGNORE_INDEX for i, start in pairs]
+    return ids, labels
 
 
 def tokenize_conversation(conversations: list[dict], tokenizer, template: str | tok.ChatTemplate,
-                          has_image: bool) -> tuple[list[int], list[int]]:
+                          has_image: bool, style: str = 'official') -> tuple[list[int], list[int]]:
     """LLaVA turns -> (input_ids, labels), labels = ids on assistant replies and their end tokens,
     IGNORE_INDEX elsewhere. template: 'plain', 'llama3', 'phi3' or a tok.ChatTemplate."""
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for ids, supervised in _pieces(conversations, tokenizer, template, has_image, generation_prompt=False):
-        input_ids += ids
-        labels += ids if supervised else [IGNORE_INDEX] * len(ids)
-    return input_ids, labels
+    text, spans = render(conversations, template, has_image, style=style)
+    return tokenize_text(text, tokenizer, spans, style)
 
 
 def tokenize_prompt(conversations: list[dict], tokenizer, template: str | tok.ChatTemplate,
-                    has_image: bool) -> list[int]:
+                    has_image: bool, style: str = 'official') -> list[int]:
     """Prompt ids for generation: the turns so far (ending with a human turn), then the assistant
-    prefix (chat templates) or just [BOS] <image> (plain), tokenized exactly as in training."""
-    if not conversations or conversations[-1]['from'] != 'human':
-        raise ValueError('a prompt ends with a human turn')
-    return [i for ids, _ in _pieces(conversations, tokenizer, template, has_image, generation_prompt=True)
-            for i in ids]
+    prefix (chat templates), tokenized exactly as in training."""
+    text, _ = render(conversations, template, has_image, generation_prompt=True, style=style)
+    return tokenize_text(text, tokenizer, (), style)[0]
 
 
 def expanded_length(input_ids: list[int], num_image_tokens: int) -> int:
@@ -282,11 +299,14 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __init__(self, tokenizer, template: str | tok.ChatTemplate, *, num_image_tokens: int = 577,
                  max_len: int | None = 2048, size: int = 768, pad_to_square: bool | None = None,
-                 preprocess: Callable[..., torch.Tensor] | None = None):
+                 preprocess: Callable[..., torch.Tensor] | None = None, style: str = 'official'):
         name = template if isinstance(template, str) else template.name
         if isinstance(template, str) and name not in TEMPLATE_NAMES:
             raise ValueError(f'unknown template {name!r}; expected one of {TEMPLATE_NAMES}')
+        if style not in PROMPT_STYLES:
+            raise ValueError(f'unknown prompt style {style!r}; expected one of {PROMPT_STYLES}')
         self.tokenizer, self.template, self.template_name = _as_tokenizer(tokenizer), template, name
+        self.style = style
         self.num_image_tokens, self.max_len, self.size = num_image_tokens, max_len, size
         self.pad_to_square = name != 'plain' if pad_to_square is None else pad_to_square
         self.preprocess = preprocess or florence_preprocess
@@ -310,7 +330,8 @@ class ConversationDataset(torch.utils.data.Dataset):
             raise DataError(f'{self.where(i)}: ' + '; '.join(problems))
         has_image = record.get('image') is not None
         try:
-            ids, labels = tokenize_conversation(record['conversations'], self.tokenizer, self.template, has_image)
+            ids, labels = tokenize_conversation(record['conversations'], self.tokenizer, self.template, has_image,
+                                                self.style)
         except ValueError as e:
             raise DataError(f'{self.where(i)}: {e}') from e
         kept = truncate(ids, labels, self.max_len, self.num_image_tokens)
@@ -424,7 +445,7 @@ class LLaVADataset(ConversationDataset):
         """(problem, warning) about the length of a valid record, as __getitem__ would treat it."""
         try:
             ids, labels = tokenize_conversation(record['conversations'], self.tokenizer, self.template,
-                                                record.get('image') is not None)
+                                                record.get('image') is not None, self.style)
         except ValueError as e:
             return str(e), None
         length = expanded_length(ids, self.num_image_tokens)
@@ -555,6 +576,8 @@ def main(argv=None) -> int:
                         'are reported: a warning when truncated, a problem when dropped. Without it: no length check')
     p.add_argument('--max-len', type=int, default=2048, help="max sequence length, visual tokens included "
                                                               "(as train.py's --max-len)")
+    p.add_argument('--prompt-style', choices=PROMPT_STYLES, default='official',
+                   help="as train.py's --prompt-style (the length of a conversation depends on it)")
     p.add_argument('--num-image-tokens', type=int, default=577,
                    help='visual tokens one image takes (577: Florence-2 at 768 px)')
     args = p.parse_args(argv)
@@ -567,7 +590,7 @@ def main(argv=None) -> int:
             return 1
     try:
         dataset = LLaVADataset(args.check, tokenizer, args.template, image_root=args.images, max_len=args.max_len,
-                               num_image_tokens=args.num_image_tokens)
+                               num_image_tokens=args.num_image_tokens, style=args.prompt_style)
     except (DataError, OSError) as e:
         print(f'{e}\n1 problem: the file cannot be read', file=sys.stderr)
         return 1

@@ -100,21 +100,24 @@ def test_llama3_single_turn():
 
 
 def test_llama3_multi_turn_with_image_in_the_middle_of_the_text():
+    """As LLaVA's preprocess_multimodal: <image> moves to the front of its turn; style 'clean' leaves it."""
     conv = turns('What is <image> this ?', 'a dog', 'Hi', 'hello')
-    ids, labels = tokenize_conversation(conv, TOK, 'llama3', has_image=True)
-    check(ids, labels, [*LLAMA3_SYSTEM,
-                        *LLAMA3_USER, 'What', 'is', IMG, 'this', '?', '<|eot_id|>',
-                        *LLAMA3_ASSISTANT, ['a', 'dog', '<|eot_id|>'],
-                        *LLAMA3_USER, 'Hi', '<|eot_id|>',
-                        *LLAMA3_ASSISTANT, ['hello', '<|eot_id|>']])
+    rest = ['<|eot_id|>', *LLAMA3_ASSISTANT, ['a', 'dog', '<|eot_id|>'], *LLAMA3_USER, 'Hi', '<|eot_id|>',
+            *LLAMA3_ASSISTANT, ['hello', '<|eot_id|>']]
+    check(*tokenize_conversation(conv, TOK, 'llama3', has_image=True),
+          [*LLAMA3_SYSTEM, *LLAMA3_USER, IMG, '\n', 'What', 'is', 'this', '?', *rest])
+    check(*tokenize_conversation(conv, TOK, 'llama3', has_image=True, style='clean'),
+          [*LLAMA3_SYSTEM, *LLAMA3_USER, 'What', 'is', IMG, 'this', '?', *rest])
 
 
 def test_image_in_a_later_human_turn():
-    ids, labels = tokenize_conversation(turns('Hi', 'hello', 'What is this ? <image>', 'a cat'), TOK, 'phi3', True)
-    check(ids, labels, [*PHI3_SYSTEM, '\n', '<|user|>', '\n', 'Hi', '<|end|>',
-                        '\n', '<|assistant|>', '\n', ['hello', '<|end|>'],
-                        '\n', '<|user|>', '\n', 'What', 'is', 'this', '?', IMG, '<|end|>',
-                        '\n', '<|assistant|>', '\n', ['a', 'cat', '<|end|>']])
+    conv = turns('Hi', 'hello', 'What is this ? <image>', 'a cat')
+    first = [*PHI3_SYSTEM, '\n', '<|user|>', '\n', 'Hi', '<|end|>', '\n', '<|assistant|>', '\n', ['hello', '<|end|>'],
+             '\n', '<|user|>', '\n']
+    last = ['<|end|>', '\n', '<|assistant|>', '\n', ['a', 'cat', '<|end|>']]
+    check(*tokenize_conversation(conv, TOK, 'phi3', True), [*first, IMG, '\n', 'What', 'is', 'this', '?', *last])
+    check(*tokenize_conversation(conv, TOK, 'phi3', True, style='clean'),
+          [*first, 'What', 'is', 'this', '?', IMG, *last])
 
 
 def test_image_without_placeholder_leads_the_first_human_turn():
@@ -134,21 +137,36 @@ def test_plain_template_replaces_the_human_turn_by_the_image():
     check(ids, labels, [IMG, ['a', 'red', 'dog', '\n']])
 
 
-def test_plain_template_starts_with_the_tokenizers_bos_and_chat_templates_do_not_repeat_it():
+def test_bos_as_tokenizer_image_token_keeps_it():
+    """Each chunk is tokenized with the tokenizer's BOS, the first chunk's is kept: plain starts with it; the
+    llama3 template's literal <|begin_of_text|> follows it (the official ids: 128000, 128000, 128006, ...);
+    style 'clean' keeps one."""
     tok = word_tokenizer(bos=True)
     ids, labels = tokenize_conversation(turns('<image>', 'a red dog'), tok, 'plain', True)
     check(ids, labels, ['<|begin_of_text|>', IMG, ['a', 'red', 'dog', '\n']])
     ids, _ = tokenize_conversation(turns('Hi', 'hello'), tok, 'llama3', False)
-    assert spell(ids).count('<|begin_of_text|>') == 1
+    assert spell(ids)[:3] == ['<|begin_of_text|>', '<|begin_of_text|>', '<|start_header_id|>']
+    ids, _ = tokenize_conversation(turns('<image>\nHi', 'hello'), tok, 'llama3', True)  # the chunk after the image
+    assert spell(ids).count('<|begin_of_text|>') == 2 and spell(ids)[:2] == ['<|begin_of_text|>'] * 2
+    for has_image in (False, True):
+        ids, _ = tokenize_conversation(turns('<image>\nHi' if has_image else 'Hi', 'hello'), tok, 'llama3', has_image,
+                                       style='clean')
+        assert spell(ids).count('<|begin_of_text|>') == 1 and spell(ids)[1] == '<|start_header_id|>'
 
 
 def test_prompt_is_the_training_sequence_up_to_the_reply():
     conv = turns('<image>\nWhat is this ?', 'a cat', 'What color ?', 'red')
     for template in ('phi3', 'llama3', 'plain'):
         full, labels = tokenize_conversation(conv[:2] if template == 'plain' else conv, TOK, template, True)
-        prompt = tokenize_prompt(conv[:1] if template == 'plain' else conv[:3], TOK, template, True)
+        # plain at inference: the training prefix "<image>" when there is no question
+        prompt = tokenize_prompt(turns('<image>') if template == 'plain' else conv[:3], TOK, template, True)
         first_supervised = max(i for i, label in enumerate(labels) if label == IGNORE_INDEX) + 1
         assert prompt == full[:first_supervised], template
+
+
+def test_plain_prompt_with_a_question_as_the_official_plain_separator_style():
+    ids = tokenize_prompt(turns('<image>\nWhat is this ?'), TOK, 'plain', True)
+    assert spell(ids) == [IMG, '\n', 'What', 'is', 'this', '?', '\n']
 
 
 @pytest.mark.parametrize('conv, has_image, template', [
