@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -69,6 +70,41 @@ def weight_files(folder, prefix="model") -> list:
                           f"pytorch_model.bin)")
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def stream_tensors(files, skip=lambda name: False):
+    """Yield (name, tensor) from the weight files one tensor at a time, never reading a tensor that `skip`
+    rejects. Safetensors files are read with plain file reads into fresh memory, so what stays in memory
+    is what the caller keeps (a memory map would keep every page it touched resident until the file is
+    closed: a whole 5 GB shard). A pickle is memory-mapped (weights_only=True) and yielded from the map."""
+    for path in map(Path, files):
+        if path.suffix != ".safetensors":
+            for name, t in read_weights(path).items():
+                if not skip(name):
+                    yield name, t
+            continue
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+                header.pop("__metadata__", None)
+                start = 8 + n
+                for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                    if skip(name):
+                        continue
+                    a, b = info["data_offsets"]
+                    buf = torch.empty(b - a, dtype=torch.uint8)
+                    f.seek(start + a)
+                    if f.readinto(buf.numpy()) != b - a:
+                        raise ValueError(f"{name}: the file ends inside its data")
+                    yield name, buf.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"cannot read {path}: {e}") from e
+
+
 def read_weights(path) -> dict:
     """Read one weight file. Pickles are opened with weights_only=True: tensors only, no code runs."""
     path = Path(path)
@@ -82,6 +118,22 @@ def read_weights(path) -> dict:
                               + next((l for l in str(e).splitlines() if "Unpickler error" in l), "")) from e
     except Exception as e:
         raise CheckpointError(f"cannot read {path}: {e}") from e
+
+
+def tensor_shapes(files) -> dict:
+    """{name: shape} of every tensor in the weight files, read from the safetensors headers alone (a pickle
+    is memory-mapped): what a loader needs to know before it reads any tensor."""
+    out = {}
+    for path in map(Path, files):
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    out.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+            except Exception as e:
+                raise CheckpointError(f"cannot read {path}: {e}") from e
+        else:
+            out.update(shapes(read_weights(path)))
+    return out
 
 
 def check_state_dict(expected: dict, got: dict, what: str = "checkpoint"):
@@ -136,3 +188,21 @@ def write_text_atomic(path, text: str):
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+# ---- dtypes ------------------------------------------------------------------------------------------------
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_dtype(name: str, device) -> torch.dtype:
+    """--dtype for inference: fp32 / bf16 / fp16 as asked; auto is what fits the machine: bf16 (half the
+    memory of fp32; Florence-VL-8B is 36 GB in fp32), fp16 on a GPU without bf16 (the official evaluation
+    runs fp16)."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; choose auto or one of {sorted(DTYPES)}")
+        return DTYPES[name]
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16

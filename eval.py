@@ -1,12 +1,19 @@
-"""Evaluate a Florence-VL model on a question file: batched greedy answers, scored three ways.
+"""Evaluate a Florence-VL model on a question file: batched greedy answers, written as the official
+evaluation writes them, and scored three ways when the file has references.
 
-    python eval.py --model runs/default/final --synthetic                 # the embedded held-out questions
-    python eval.py --model jiuhai/florence-vl-3b-sft --data questions.jsonl --images /data --device cuda \\
-        --suffix "Answer the question using a single word or phrase." --out predictions.jsonl
+    python eval.py --model jiuhai/florence-vl-8b-sft --question-file llava-bench.jsonl --image-folder images/ \
+        --answers-file answers/florence-vl-8b-sft.jsonl      # the official model_vqa_loader's files
+    python eval.py --model runs/default/final --synthetic    # the embedded held-out questions, scored
 
-Records (JSON list or JSONL) in the LLaVA / lmms style: `question` (or `text`, or the first human turn
-of `conversations`), `answer` (or `answers`: a list, e.g. VQAv2's ten, or the first gpt turn), an
-optional `image` (a path under --images), an optional `question_id`/`id` and `category`.
+Question files: the official JSONL (`question_id`, `image`, `text`), or records in the LLaVA / lmms style
+with references: `question` (or `text`, or the first human turn of `conversations`), `answer` (or
+`answers`: a list, e.g. VQAv2's ten, or the first gpt turn), an optional `image` (a path under
+--image-folder), an optional `question_id`/`id` and `category`. The answers file has the official keys
+(question_id, prompt, text, answer_id, model_id, metadata), so each benchmark's own scoring script reads it;
+this project's scores of a record with references are in its metadata. Prompts are built as the official
+evaluation builds them ("<image>\n" + question, the checkpoint's template; --conv-mode to choose); images
+are turned upright by their EXIF orientation (the official loader does not; a photo from a phone is then
+sideways), and otherwise processed as the official processor does.
 
 Metrics
   exact match   the prediction equals a reference, surrounding whitespace forgiven
@@ -20,17 +27,17 @@ Metrics
 import argparse
 import json
 import re
+import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from data import IMAGE_TOKEN, tokenize_prompt
+from data import IMAGE_TOKEN, load_image, tokenize_prompt
 from florence_encoder import preprocess
-from fusion import FlorenceVL
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from sample import add_model_args, load_model
 
 # ---- VQA normalisation (the rules of the VQA challenge's evaluation script) ------------------------------
 NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
@@ -106,16 +113,18 @@ def pope_metrics(predictions: list, references: list) -> dict:
 
 
 def score(records: list, predictions: list) -> dict:
-    """Overall and per-category exact match / VQA accuracy, and POPE over the yes/no records."""
-    rows = [(r, p, exact_match(p, r["answers"]), vqa_accuracy(p, r["answers"])) for r, p in zip(records, predictions)]
+    """Overall and per-category exact match / VQA accuracy, and POPE over the yes/no records; records without
+    references (the official question files) are not scored."""
+    pairs = [(r, p) for r, p in zip(records, predictions) if r["answers"] is not None]
+    rows = [(r, p, exact_match(p, r["answers"]), vqa_accuracy(p, r["answers"])) for r, p in pairs]
     n = max(len(rows), 1)
-    out = {"n": len(rows), "exact_match": sum(e for _, _, e, _ in rows) / n,
+    out = {"n": len(records), "scored": len(rows), "exact_match": sum(e for _, _, e, _ in rows) / n,
            "vqa_accuracy": sum(v for _, _, _, v in rows) / n, "categories": {}}
-    for cat in sorted({r.get("category") for r in records if r.get("category") is not None}):
+    for cat in sorted({r.get("category") for r, _ in pairs if r.get("category") is not None}):
         sel = [(e, v) for r, _, e, v in rows if r.get("category") == cat]
         out["categories"][cat] = {"n": len(sel), "exact_match": sum(e for e, _ in sel) / len(sel),
                                   "vqa_accuracy": sum(v for _, v in sel) / len(sel)}
-    yn = [(p, yes_no(r["answers"][0])) for r, p in zip(records, predictions) if len(r["answers"]) == 1]
+    yn = [(p, yes_no(r["answers"][0])) for r, p in pairs if len(r["answers"]) == 1]
     yn = [(p, g) for p, g in yn if g is not None]
     out["pope"] = pope_metrics([p for p, _ in yn], [g for _, g in yn]) if yn else None
     return out
@@ -123,7 +132,11 @@ def score(records: list, predictions: list) -> dict:
 
 # ---- records ---------------------------------------------------------------------------------------------
 def read_records(path) -> list:
-    """A question file -> [{'id', 'question', 'answers' (list), 'image' (path or None), 'category'}]."""
+    """A question file -> [{'id', 'text', 'question', 'answers' (list, or None), 'image' (path or None), 'category'}].
+
+    The official question files (llava/eval/model_vqa_loader.py: JSONL of question_id, image, text) have no
+    answers: their benchmarks' own scripts score the answers file. Other files may carry references
+    ('answer' / 'answers' / the first gpt turn), which are then scored here."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     raw = json.loads(text) if text.lstrip().startswith("[") else \
@@ -134,12 +147,14 @@ def read_records(path) -> list:
         question = r.get("question") or r.get("text") or next((t["value"] for t in turns if t["from"] == "human"), None)
         answer = r["answer"] if r.get("answer") is not None else r.get("answers")
         answer = answer if answer is not None else next((t["value"] for t in turns if t["from"] == "gpt"), None)
-        if question is None or answer is None:
-            raise SystemExit(f"{path}[{i}]: needs a question ('question', 'text' or conversations) and an answer")
-        answers = [a["answer"] if isinstance(a, dict) else str(a) for a in answer] if isinstance(answer, list) \
-            else [str(answer)]
-        out.append({"id": r.get("question_id", r.get("id", i)), "question": question.replace(IMAGE_TOKEN, "").strip(),
-                    "answers": answers, "image": r.get("image"), "category": r.get("category")})
+        if question is None:
+            raise SystemExit(f"{path}[{i}]: needs a question ('text' as the official files, 'question', or "
+                             "conversations)")
+        answers = None if answer is None else [a["answer"] if isinstance(a, dict) else str(a) for a in answer] \
+            if isinstance(answer, list) else [str(answer)]
+        out.append({"id": r.get("question_id", r.get("id", i)), "text": question,
+                    "question": question.replace(IMAGE_TOKEN, "").strip(), "answers": answers, "image": r.get("image"),
+                    "category": r.get("category")})
     return out
 
 
@@ -151,19 +166,21 @@ def synthetic_records(model, n: int, seed: int) -> list:
     out = []
     for i in range(n):
         s = held.sample(i)
-        out.append({"id": s.id, "question": s.conversations[0]["value"].replace(IMAGE_TOKEN + "\n", ""),
-                    "answers": [s.answers[0]], "image": held.image(i), "category": s.kinds[0]})
+        question = s.conversations[0]["value"].replace(IMAGE_TOKEN + "\n", "")
+        out.append({"id": s.id, "text": question, "question": question, "answers": [s.answers[0]],
+                    "image": held.image(i), "category": s.kinds[0]})
     return out
 
 
 # ---- generation ------------------------------------------------------------------------------------------
 @torch.no_grad()
 def answer_all(model, records, args, image_root=None) -> list:
-    """Greedy answers, args.batch_size questions at a time (right-padded prompts)."""
+    """Greedy answers, args.batch_size questions at a time (right-padded prompts). Each prompt as the official
+    evaluation builds it ("<image>\n" + question in the model's template); images turned upright (EXIF)."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     stop = set(model.cfg.llm.eos_token_ids) | set(model.tokenizer.end_ids)
     pad = model.cfg.image_aspect_ratio == "pad"
-    predictions = []
+    predictions, t0 = [], time.time()
     for s in range(0, len(records), args.batch_size):
         chunk = records[s:s + args.batch_size]
         prompts, images = [], []
@@ -171,9 +188,9 @@ def answer_all(model, records, args, image_root=None) -> list:
             question = (r["question"] + " " + args.suffix).strip() if args.suffix else r["question"]
             has_image = r["image"] is not None
             prompts.append(tokenize_prompt([{"from": "human", "value": (IMAGE_TOKEN + "\n") * has_image + question}],
-                                           model.tokenizer, model.template, has_image))
+                                           model.tokenizer, model.template, has_image, style=args.prompt_style))
             if has_image:
-                image = r["image"] if isinstance(r["image"], Image.Image) else Image.open(Path(image_root) / r["image"])
+                image = r["image"] if isinstance(r["image"], Image.Image) else load_image(Path(image_root) / r["image"])
                 images.append(image.convert("RGB"))
         ids = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -184,11 +201,32 @@ def answer_all(model, records, args, image_root=None) -> list:
         out = model.generate(ids.to(device), mask.to(device), pixels, max_new_tokens=args.max_new_tokens,
                              stop_ids=stop)
         predictions += [model.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
+        if len(records) > args.batch_size:
+            done = len(predictions)
+            print(f"{done}/{len(records)} questions, {done / (time.time() - t0):.2f} questions/s", file=sys.stderr)
     return predictions
 
 
+def model_id(path: str) -> str:
+    """The answers' model_id, as the official evaluation names a model: its folder's (or repo's) last part."""
+    parts = str(path).strip("/").split("/")
+    return f"{parts[-2]}_{parts[-1]}" if parts[-1].startswith("checkpoint-") and len(parts) > 1 else parts[-1]
+
+
+def answer_line(r: dict, prediction: str, model_name: str) -> dict:
+    """One line of the official answers file; this project's scores (when the record has references) go in
+    metadata, which the benchmarks' scripts ignore."""
+    meta = {} if r["answers"] is None else {
+        "answers": r["answers"], "category": r["category"], "exact_match": exact_match(prediction, r["answers"]),
+        "vqa_accuracy": vqa_accuracy(prediction, r["answers"])}
+    return {"question_id": r["id"], "prompt": r["text"], "text": prediction, "answer_id": uuid.uuid4().hex,
+            "model_id": model_name, "metadata": meta}
+
+
 def report(summary: dict) -> str:
-    lines = [f"{summary['n']} questions | exact match {summary['exact_match']:.1%} | "
+    if not summary["scored"]:
+        return f"{summary['n']} questions, none with a reference answer: score the answers file with the benchmark's script"
+    lines = [f"{summary['scored']} questions with references | exact match {summary['exact_match']:.1%} | "
              f"VQA accuracy {summary['vqa_accuracy']:.1%}"]
     for cat, c in summary["categories"].items():
         lines.append(f"  {cat:<16} n={c['n']:<5} exact match {c['exact_match']:.1%} | "
@@ -202,46 +240,47 @@ def report(summary: dict) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a Florence-VL checkpoint folder or hub id")
+    add_model_args(p)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--data", help="a question file (JSON list or JSONL)")
+    what.add_argument("--question-file", "--data", dest="data",
+                      help="a question file: the official JSONL (question_id, image, text), or a JSON list / JSONL "
+                           "with references (see above)")
     what.add_argument("--synthetic", action="store_true", help="the embedded synthetic task's held-out questions")
-    p.add_argument("--images", default=None, help="root folder of the images that --data names (default: its folder)")
+    p.add_argument("--image-folder", "--images", dest="images", default=None,
+                   help="root folder of the images that the question file names (default: its folder)")
+    p.add_argument("--answers-file", "--out", dest="out", default="answers.jsonl",
+                   help="the official answers file (question_id, prompt, text, answer_id, model_id, metadata); "
+                        "the summary goes next to it as .summary.json")
     p.add_argument("--n", type=int, default=300, help="--synthetic: how many questions")
     p.add_argument("--seed", type=int, default=0, help="--synthetic: the dataset seed (train.py's --seed)")
-    p.add_argument("--limit", type=int, help="only the first N records of --data")
+    p.add_argument("--limit", type=int, help="only the first N records of the question file")
     p.add_argument("--suffix", default="", help="text appended to every question (e.g. an answer-format instruction)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--out", default="predictions.jsonl", help="one line per question; the summary to .summary.json")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="the official evaluation's default")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model = FlorenceVL.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device).eval()
-    if model.tokenizer is None:
-        raise SystemExit(f"{args.model} has no tokenizer.json")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args).eval()
     t0 = time.time()
     records = synthetic_records(model, args.n, args.seed) if args.synthetic else read_records(args.data)[:args.limit]
     image_root = args.images or (Path(args.data).parent if args.data else None)
     predictions = answer_all(model, records, args, image_root)
     summary = score(records, predictions)
-    with open(args.out, "w") as f:
+    name = "synthetic" if args.synthetic else model_id(args.model)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
         for r, p in zip(records, predictions):
-            f.write(json.dumps({"id": r["id"], "question": r["question"], "answers": r["answers"], "prediction": p,
-                                "category": r["category"], "exact_match": exact_match(p, r["answers"]),
-                                "vqa_accuracy": vqa_accuracy(p, r["answers"])}) + "\n")
-    summary.update(model=str(args.model), data="synthetic" if args.synthetic else args.data,
-                   seconds=time.time() - t0)
-    Path(args.out).with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            f.write(json.dumps(answer_line(r, p, model_id(args.model))) + "\n")
+    summary.update(model=str(args.model), data=name if args.synthetic else args.data, seconds=time.time() - t0)
+    out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(report(summary))
-    print(f"predictions: {args.out}  summary: {Path(args.out).with_suffix('.summary.json')}  "
-          f"({summary['seconds']:.0f} s)")
+    print(f"answers: {out}  summary: {out.with_suffix('.summary.json')}  ({summary['seconds']:.0f} s)")
     return summary
 
 

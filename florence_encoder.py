@@ -173,6 +173,40 @@ class FlorenceConfig:
                    activation_dropout=t.get("activation_dropout", 0.0))
 
 
+    @classmethod
+    def from_shapes(cls, shapes: dict) -> "FlorenceConfig":
+        """The config of a tower whose config.json cannot be had, read from its weights' shapes
+        ({name: shape}, Microsoft original names). Shapes give the widths, depths, kernel sizes, encoder
+        layers and tables; head and group counts, window, strides and paddings are not in them, so they
+        come from the preset whose stage widths match (an error if none does). Image size: 768, what every
+        released Florence-2 processor uses."""
+        def shape(key):
+            if key not in shapes:
+                raise ValueError(f"the tower's weights have no {key}")
+            return tuple(shapes[key])
+
+        stages = sorted({int(m.group(1)) for k in shapes if (m := re.match(r"vision_tower\.convs\.(\d+)\.", k))})
+        dims = tuple(shape(f"vision_tower.convs.{i}.proj.weight")[0] for i in stages)
+        preset = next((name for name, make in FLORENCE_PRESETS.items() if make().vision.dims == dims), None)
+        if preset is None:
+            raise ValueError(f"stage widths {dims} match no Florence-2 preset ({sorted(FLORENCE_PRESETS)}): the "
+                             "head counts cannot be read from the weights; give the tower's config.json")
+        depths = tuple(len({m.group(1) for k in shapes if (m := re.match(rf"vision_tower\.blocks\.{i}\.(\d+)\.", k))})
+                       for i in stages)
+        layers = {int(m.group(1)) for k in shapes if (m := re.match(r"language_model\.model\.encoder\.layers\.(\d+)\.", k))}
+        base = FLORENCE_PRESETS[preset]()
+        vision = replace(base.vision, depths=depths,
+                         patch_size=tuple(shape(f"vision_tower.convs.{i}.proj.weight")[-1] for i in stages))
+        return replace(base, vision=vision, d_model=shape("image_projection")[1], encoder_layers=len(layers),
+                       encoder_ffn_dim=shape("language_model.model.encoder.layers.0.fc1.weight")[0],
+                       vocab_size=shape("language_model.model.shared.weight")[0],
+                       max_position_embeddings=shape("language_model.model.encoder.embed_positions.weight")[0] - 2,
+                       image_pos_embed_size=shape("image_pos_embed.row_embeddings.weight")[0],
+                       temporal_embed_size=shapes.get("visual_temporal_embed.pos_idx_to_embed",
+                                                      (base.temporal_embed_size,))[0],
+                       image_size=768)
+
+
 FLORENCE_PRESETS = {   # factories, so that each call gets its own DaViTConfig
     # base: max_position_embeddings 1024 is BART's default (not checked against the hub config); loading
     # always reads the checkpoint's config.json, so a preset only matters for random init
@@ -476,6 +510,11 @@ def _to_ours(sd: dict, layout: str) -> dict:
     if "encoder.embed_tokens.weight" not in out and tied is not None:
         out["encoder.embed_tokens.weight"] = tied
     return out
+
+
+def unused_original_key(key: str) -> bool:
+    """A key of a Florence-2 checkpoint (Microsoft names) that the tower does not use: the decoder and LM head."""
+    return key.startswith(SKIPPED["original"])
 
 
 def from_original_state_dict(sd: dict) -> dict:

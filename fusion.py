@@ -13,6 +13,7 @@ names, the projector at `model.mm_projector.encoder_mlp.*`, the Florence-2 tower
 """
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +22,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import (CheckpointError, check_state_dict, read_config, read_weights, resolve, save_safetensors, shapes,
-                        weight_files, write_text_atomic)
-from florence_encoder import FlorenceConfig, FlorenceVision, prompt_ids, to_original_state_dict
+                        stream_tensors, tensor_shapes, weight_files, write_text_atomic)
+from florence_encoder import FlorenceConfig, FlorenceVision, prompt_ids, to_original_state_dict, unused_original_key
 from generate import generate
-from model import LLM, LLMConfig
-from tokenizer import Tokenizer
+from model import LLM, LLMConfig, add_generation_eos, stored_dtype
+from tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 IMAGE_TOKEN_INDEX = -200  # the <image> placeholder in input_ids
 IGNORE_INDEX = -100       # labels that are not supervised
@@ -44,6 +45,8 @@ class FlorenceVLConfig:
     projector: str = "mlp3x_gelu"      # linear | mlpNx_gelu
     masked_prompts: bool = False       # official features attend to the prompt pads; True masks them
     image_aspect_ratio: str = "pad"    # pad (finetune) | square (pretrain): see data.py
+    template: str | None = None        # plain | llama3 | phi3; None: the LLM family's chat template
+    max_length: int | None = None      # tokenizer_model_max_length: the official model cuts longer inputs
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "FlorenceVLConfig":
@@ -131,7 +134,7 @@ class FlorenceVL(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.template = template or TEMPLATE_OF[cfg.llm.family]
+        self.template = template or cfg.template or TEMPLATE_OF[cfg.llm.family]
         self.vision = vision if vision is not None else FlorenceVision(cfg.vision)
         num_prompts = 0 if cfg.fusion == "low" else len(cfg.prompts)
         self.fusion = DBFusion(cfg.fusion, num_prompts)
@@ -228,9 +231,23 @@ class FlorenceVL(nn.Module):
         return Output(loss=loss_sum / max(n, 1), loss_sum=loss_sum, n_tokens=n)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, **kwargs):
-        """Answer a batch of prompts (with or without images); kwargs go to LLM.generate."""
+    def prompt_inputs(self, input_ids, attention_mask=None, pixel_values=None):
+        """(embeds, mask) of prompts to answer: spliced, then cut to cfg.max_length (the checkpoint's
+        tokenizer_model_max_length) as the official model cuts them, with a warning that names the cut."""
         embeds, mask, _ = self.prepare_inputs(input_ids, attention_mask, pixel_values)
+        limit = self.cfg.max_length
+        if limit is not None and embeds.shape[1] > limit:
+            warnings.warn(f"a prompt of {int(mask.sum(1).max())} tokens ({self.num_visual_tokens} of them visual) "
+                          f"is longer than tokenizer_model_max_length {limit} in the checkpoint's config.json: "
+                          f"cut to its first {limit} tokens, as the official model does (its end is lost)",
+                          stacklevel=2)
+            embeds, mask = embeds[:, :limit], mask[:, :limit]
+        return embeds, mask
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, **kwargs):
+        """Answer a batch of prompts (with or without images); kwargs go to generate.generate."""
+        embeds, mask = self.prompt_inputs(input_ids, attention_mask, pixel_values)
         return generate(self.llm, inputs_embeds=embeds, attention_mask=mask, **kwargs)
 
     # ---- training stages -----------------------------------------------------------------------------
@@ -270,7 +287,7 @@ class FlorenceVL(nn.Module):
         _write_json(folder / "vision_tower" / "config.json", florence_config_json(self.cfg.vision))
         _write_json(folder / "vision_tower" / "preprocessor_config.json", preprocessor_config_json(self.cfg.vision))
         if self.tokenizer is not None:
-            self.tokenizer.tok.save(str(folder / "tokenizer.json"))
+            self.tokenizer.save(folder)
         weights = {k: v.contiguous() for k, v in self.llava_state_dict(state_dict).items()}
         save_safetensors(weights, folder / "model.safetensors")
         _write_json(folder / "config.json", llava_config_json(self.cfg))  # last: its presence marks a complete save
@@ -279,50 +296,64 @@ class FlorenceVL(nn.Module):
     def from_pretrained(cls, path_or_repo_id, dtype=None, tower=None) -> "FlorenceVL":
         """A Florence-VL checkpoint (`jiuhai/florence-vl-{3b,8b}-{pretrain,sft}` or one we saved).
 
-        The tower's weights are taken from the main weights (`model.vision_tower.vision_tower.*`) if
-        they are there, else from the Florence-2 checkpoint that `vision_tower/` or `mm_vision_tower`
-        (or the `tower` argument) names. The LLM is filled shard by shard (no second copy)."""
-        folder = resolve(path_or_repo_id, allow_patterns=["*.json", "*.safetensors", "vision_tower/*"])
+        The released repos hold the whole Florence-2 model in their main weights
+        (`model.vision_tower.vision_tower.*`): then only the tower's config.json is needed, from the
+        checkpoint's vision_tower/, or the repo that mm_vision_tower names (its *.json alone is fetched),
+        or, when neither can be had, the tower's sizes are read from the weights' shapes. `tower` (a
+        Florence-2 folder or hub id) overrides both, and gives the weights when the main ones lack them.
+        The LLM is filled shard by shard (no second copy). dtype None: as config.json says it is stored."""
+        folder = resolve(path_or_repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
         hf = read_config(folder)
         if "mm_projector_type" not in hf:
             raise CheckpointError(f"{folder}/config.json has no mm_projector_type: not a Florence-VL (LLaVA) checkpoint")
+        files = weight_files(folder)
+        tower_shapes = {k.removeprefix(TOWER_PREFIX): s for k, s in tensor_shapes(files).items()
+                        if k.startswith(TOWER_PREFIX)}
+        vision_cfg, tower_note = _tower_config(folder, hf, tower, tower_shapes)
         try:
-            cfg = config_from_llava_json(hf, _tower_config(folder, hf, tower))
+            cfg = config_from_llava_json(hf, vision_cfg)
         except (ValueError, NotImplementedError, KeyError) as e:
             if isinstance(e, CheckpointError):
                 raise
             raise CheckpointError(f"{folder}/config.json: unsupported model "
                                   f"(architectures {hf.get('architectures')}, model_type {hf.get('model_type')!r}): "
                                   f"{e!r}") from e
-        tok = folder / "tokenizer.json"
-        tokenizer = Tokenizer(tok) if tok.is_file() else None
+        add_generation_eos(cfg.llm, folder)
+        try:
+            tokenizer = load_tokenizer(folder)
+        except TokenizerError:
+            tokenizer = None  # sample.py and eval.py say what is missing; training can bring its own
         if tokenizer is not None and tokenizer.vocab_size > cfg.llm.vocab_size:
-            raise CheckpointError(f"{tok} does not match the model: {tokenizer.vocab_size} tokens, but the embedding "
-                                  f"has {cfg.llm.vocab_size} rows (vocab_size in {folder}/config.json)")
-        dtype = dtype or torch.float32
+            name = "tokenizer.json" if isinstance(tokenizer, Tokenizer) else "tokenizer.model"
+            raise CheckpointError(f"{folder / name} does not match the model: {tokenizer.vocab_size} tokens, but the "
+                                  f"embedding has {cfg.llm.vocab_size} rows (vocab_size in {folder}/config.json)")
+        dtype = dtype or stored_dtype(hf)
         tower_sd, projector_sd = {}, {}
 
-        def llm_shards():  # routes each shard's tower / projector keys aside, yields the LLM's
-            for f in weight_files(folder):
-                sd = read_weights(f)
-                for k in [k for k in sd if k.startswith(TOWER_PREFIX)]:
-                    tower_sd[k.removeprefix(TOWER_PREFIX)] = sd.pop(k)
-                for k in [k for k in sd if k.startswith(PROJECTOR_PREFIX)]:
-                    projector_sd[k.removeprefix(PROJECTOR_PREFIX)] = sd.pop(k)
-                yield sd
+        def llm_tensors():  # one tensor at a time: the tower's and projector's set aside, the LLM's yielded
+            unused = lambda k: k.startswith(TOWER_PREFIX) and unused_original_key(k.removeprefix(TOWER_PREFIX))
+            for k, t in stream_tensors(files, skip=unused):  # Florence-2's decoder is never read
+                if k.startswith(TOWER_PREFIX):
+                    tower_sd[k.removeprefix(TOWER_PREFIX)] = t
+                elif k.startswith(PROJECTOR_PREFIX):
+                    projector_sd[k.removeprefix(PROJECTOR_PREFIX)] = t
+                else:
+                    yield {k: t}
 
         with torch.device("meta"):
             llm = LLM(cfg.llm)
-        llm.load_hf_shards(llm_shards(), f"{folder} (LLM weights)", dtype)
+        llm.load_hf_shards(llm_tensors(), f"{folder} (LLM weights)", dtype)
         where = "its weights"
         if not tower_sd:  # the tower lives in its own Florence-2 checkpoint
-            tower_folder = _tower_folder(folder, hf, tower)
+            tower_folder = _tower_weights_folder(path_or_repo_id, folder, hf, tower)
             tower_sd = {k: v for f in weight_files(tower_folder) for k, v in read_weights(f).items()}
             where = str(tower_folder)
-        vision = FlorenceVision.from_state_dict(cfg.vision, tower_sd, dtype=dtype, what=f"Florence-2 tower in {where}")
+        vision = FlorenceVision.from_state_dict(cfg.vision, tower_sd, dtype=dtype,
+                                                what=f"Florence-2 tower in {where} ({tower_note})")
         model = cls(cfg, tokenizer, vision=vision, llm=llm).to(dtype)
         check_state_dict(shapes(model.mm_projector.state_dict()), shapes(projector_sd), f"{folder} (mm_projector)")
         model.mm_projector.load_state_dict(projector_sd)
+        model.tower_note = tower_note
         return model.eval()
 
     @classmethod
@@ -330,9 +361,9 @@ class FlorenceVL(nn.Module):
         """Training stage 1 starts here: a Florence-2 checkpoint + an LLM checkpoint + a fresh projector."""
         vision = FlorenceVision.from_pretrained(florence, dtype=dtype)
         llm_model = LLM.from_pretrained(llm, dtype=dtype)
-        llm_folder = resolve(llm, allow_patterns=["*.json", "*.safetensors"])
-        if tokenizer is None and (llm_folder / "tokenizer.json").is_file():
-            tokenizer = Tokenizer(llm_folder / "tokenizer.json")
+        llm_folder = resolve(llm, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
+        if tokenizer is None:
+            tokenizer = load_tokenizer(llm_folder)  # as the official training: the slow one when there is one
         cfg = FlorenceVLConfig(vision=vision.cfg, llm=llm_model.cfg, **overrides)
         return cls(cfg, tokenizer, vision=vision, llm=llm_model).to(dtype or torch.float32)
 
@@ -397,38 +428,86 @@ def llm_config_json(c: LLMConfig) -> dict:
 
 def llava_config_json(cfg: FlorenceVLConfig) -> dict:
     arch, model_type = LLAVA_ARCH[cfg.llm.family]
-    return {"architectures": [arch], "model_type": model_type, **llm_config_json(cfg.llm),
-            "mm_projector_type": cfg.projector, "mm_hidden_size": cfg.vision.d_model, "mm_vision_tower": "vision_tower",
-            "image_aspect_ratio": cfg.image_aspect_ratio, "mm_vision_select_layer": -1, "use_mm_proj": True,
-            # what the official configs do not say: the DBFusion choice of this model
-            "florence_vl": {"fusion": cfg.fusion, "prompts": list(cfg.prompts), "masked_prompts": cfg.masked_prompts}}
+    out = {"architectures": [arch], "model_type": model_type, **llm_config_json(cfg.llm),
+           "mm_projector_type": cfg.projector, "mm_hidden_size": cfg.vision.d_model, "mm_vision_tower": "vision_tower",
+           "image_aspect_ratio": cfg.image_aspect_ratio, "mm_vision_select_layer": -1, "use_mm_proj": True,
+           # what the official configs do not say: the DBFusion choice of this model and its template
+           "florence_vl": {"fusion": cfg.fusion, "prompts": list(cfg.prompts), "masked_prompts": cfg.masked_prompts,
+                           "template": cfg.template}}
+    if cfg.max_length is not None:
+        out["tokenizer_model_max_length"] = cfg.max_length
+    return out
 
 
 def config_from_llava_json(hf: dict, vision: FlorenceConfig) -> FlorenceVLConfig:
     ours = hf.get("florence_vl", {})  # absent in the official checkpoints: their settings are the defaults
+    # The official pretrain stage trains with the plain template on images resized to a square
+    # (image_aspect_ratio "square"), instruction tuning with the chat template on padded ones ("pad").
+    template = ours.get("template") or ("plain" if hf.get("image_aspect_ratio") == "square" else None)
     return FlorenceVLConfig(vision=vision, llm=LLMConfig.from_hf_config(hf), fusion=ours.get("fusion", "channel"),
                             prompts=tuple(ours.get("prompts", (0, 1, 2))), projector=hf["mm_projector_type"],
                             masked_prompts=ours.get("masked_prompts", False),
-                            image_aspect_ratio=hf.get("image_aspect_ratio", "pad"))
+                            image_aspect_ratio=hf.get("image_aspect_ratio", "pad"), template=template,
+                            max_length=hf.get("tokenizer_model_max_length"))
 
 
-def _tower_folder(folder: Path, hf: dict, tower=None) -> Path:
+def _tower_sources(folder: Path, hf: dict, tower=None) -> list:
+    """(what, where) places for the tower's config, in the order they are tried."""
     if tower is not None:
-        return resolve(tower, allow_patterns=["*.json", "*.safetensors", "*.bin"])
-    if (folder / "vision_tower" / "config.json").is_file():
-        return folder / "vision_tower"
-    name = hf.get("mm_vision_tower")
-    if not name:
-        raise CheckpointError(f"{folder}: no vision_tower/ folder and no mm_vision_tower in config.json")
-    return resolve(name, allow_patterns=["*.json", "*.safetensors", "*.bin"])
+        return [("--tower", tower)]
+    out = [("the checkpoint's vision_tower/", folder / "vision_tower")]
+    if hf.get("mm_vision_tower"):
+        out.append(("mm_vision_tower in config.json", hf["mm_vision_tower"]))
+    return out
 
 
-def _tower_config(folder: Path, hf: dict, tower=None) -> FlorenceConfig:
-    tower_folder = _tower_folder(folder, hf, tower)
+def _read_tower_config(tower_folder: Path) -> FlorenceConfig:
     cfg = FlorenceConfig.from_hf_config(read_config(tower_folder))
     pre = tower_folder / "preprocessor_config.json"
     if pre.is_file():
         cfg.image_size = json.loads(pre.read_text()).get("size", {}).get("height", cfg.image_size)
+    return cfg
+
+
+def _tower_config(folder: Path, hf: dict, tower, weight_shapes: dict) -> tuple:
+    """(FlorenceConfig, where it came from). Only *.json files are fetched for it."""
+    tried = []
+    for what, where in _tower_sources(folder, hf, tower):
+        try:
+            if isinstance(where, Path) and not (where / "config.json").is_file():
+                raise CheckpointError(f"{where} has no config.json")
+            cfg, note = _read_tower_config(resolve(where, allow_patterns=["*.json"])), f"config from {what} {where}"
+            break
+        except (CheckpointError, ValueError, KeyError) as e:
+            tried.append(f"  {what} ({where}): {e}")
+    else:
+        if tower is not None or not weight_shapes:
+            raise CheckpointError(f"{folder}: no config for the Florence-2 tower; looked at:\n" + "\n".join(tried)
+                                  + "\n  give one with --tower FOLDER_OR_HUB_ID (a Florence-2 checkpoint)")
+        try:
+            cfg = FlorenceConfig.from_shapes(weight_shapes)
+        except ValueError as e:
+            raise CheckpointError(f"{folder}: no config for the Florence-2 tower, and its weights do not tell the "
+                                  f"sizes ({e}); looked at:\n" + "\n".join(tried)) from e
+        note = "sizes read from the weights' shapes (no config found: " + "; ".join(t.strip() for t in tried) + ")"
     if cfg.d_model != hf["mm_hidden_size"]:
         raise CheckpointError(f"the tower's width {cfg.d_model} != mm_hidden_size {hf['mm_hidden_size']} in {folder}")
-    return cfg
+    return cfg, note
+
+
+def _tower_weights_folder(path_or_repo_id, folder: Path, hf: dict, tower=None) -> Path:
+    """Where the tower's weights are when the main weights lack them: --tower, the checkpoint's
+    vision_tower/ (fetched now, for a hub repo), or mm_vision_tower."""
+    patterns = ["*.json", "*.safetensors", "*.bin"]
+    tried = []
+    for what, where in _tower_sources(folder, hf, tower):
+        try:
+            if isinstance(where, Path):  # the checkpoint's own subfolder
+                where = resolve(path_or_repo_id, allow_patterns=["vision_tower/*"]) / "vision_tower"
+            found = resolve(where, allow_patterns=patterns)
+            weight_files(found)  # raises when there are none
+            return found
+        except CheckpointError as e:
+            tried.append(f"  {what} ({where}): {e}")
+    raise CheckpointError(f"{folder}: its weights hold no Florence-2 tower ({TOWER_PREFIX}*) and none was found; "
+                          "looked at:\n" + "\n".join(tried) + "\n  give one with --tower FOLDER_OR_HUB_ID")

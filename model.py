@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import check_state_dict, read_config, read_weights, resolve, weight_files
+from checkpoint import check_state_dict, read_config, resolve, stream_tensors, weight_files
 
 # Phi-3.5-mini-instruct LongRoPE rescale factors, one per rotary frequency (48 = head_dim 96 / 2).
 # Written as the shortest decimals that give the released float32 values bit for bit.
@@ -421,17 +422,12 @@ class LLM(nn.Module):
         plus one shard. dtype None: the checkpoint's dtype as config.json states it."""
         folder = resolve(path_or_repo_id, allow_patterns=['*.json', '*.safetensors'])
         hf = read_config(folder)
-        cfg = LLMConfig.from_hf_config(hf)
-        gen = folder / 'generation_config.json'  # the release lists all its end tokens here
-        if gen.is_file():
-            eos = json.loads(gen.read_text()).get('eos_token_id')
-            eos = [] if eos is None else [eos] if isinstance(eos, int) else eos
-            cfg.eos_token_ids = tuple(dict.fromkeys([*cfg.eos_token_ids, *eos]))
+        cfg = add_generation_eos(LLMConfig.from_hf_config(hf), folder)
         if dtype is None:
-            dtype = getattr(torch, str(hf.get('dtype') or hf.get('torch_dtype') or 'float32'))
+            dtype = stored_dtype(hf)
         with torch.device('meta'):
             model = cls(cfg)
-        model.load_hf_shards((read_weights(f) for f in weight_files(folder)), f'checkpoint {folder}', dtype)
+        model.load_hf_shards(({k: t} for k, t in stream_tensors(weight_files(folder))), f'checkpoint {folder}', dtype)
         return model.eval()
 
     def load_hf_shards(self, shards, what: str = 'LLM checkpoint', dtype: torch.dtype | None = None):
@@ -476,6 +472,25 @@ class LLM(nn.Module):
         else:
             with torch.no_grad():
                 old.copy_(t)
+
+
+def add_generation_eos(cfg: LLMConfig, folder) -> LLMConfig:
+    """Add the end tokens of folder/generation_config.json (where a release lists all of them) to cfg's."""
+    gen = Path(folder) / 'generation_config.json'
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get('eos_token_id')
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else eos
+        cfg.eos_token_ids = tuple(dict.fromkeys([*cfg.eos_token_ids, *eos]))
+    return cfg
+
+
+def stored_dtype(hf: dict) -> torch.dtype:
+    """The dtype a config.json says its weights are stored in (fp32 when it does not say)."""
+    name = str(hf.get('dtype') or hf.get('torch_dtype') or 'float32')
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f'unknown torch_dtype {name!r} in config.json')
+    return dtype
 
 
 def hf_layout(cfg: LLMConfig) -> dict[str, list[tuple[str, int | None]]]:

@@ -65,6 +65,9 @@ def parse_args(argv=None):
     g.add_argument("--data", help="a LLaVA JSON/JSONL file (default: the embedded synthetic task)")
     g.add_argument("--images", default=".", help="root folder of the images that --data names")
     g.add_argument("--max-len", type=int, default=2048, help="max sequence length, visual tokens included")
+    g.add_argument("--prompt-style", choices=["official", "clean"], default="official",
+                   help="official: the ids the released models were trained on (data.py); clean: one BOS, <image> "
+                        "left where the record has it")
     g.add_argument("--synthetic-size", type=int, nargs="+", default=[19200, 57600], metavar="N",
                    help="training samples of the synthetic task: one N for both stages, or pretrain and finetune "
                         "(default 19200 57600: 600 and 1800 steps; the finetune questions take longer to learn)")
@@ -183,7 +186,7 @@ def synthetic_size(args, stage: str) -> int:
 def build_dataset(args, model, stage, split="train", n=None):
     template = "plain" if stage == "pretrain" else model.template
     common = dict(tokenizer=model.tokenizer, template=template, max_len=args.max_len, size=model.cfg.vision.image_size,
-                  num_image_tokens=model.num_visual_tokens, pad_to_square=stage == "finetune")
+                  num_image_tokens=model.num_visual_tokens, pad_to_square=stage == "finetune", style=args.prompt_style)
     if args.data:
         return LLaVADataset(args.data, image_root=args.images, **common)
     return SyntheticDataset(split, n or synthetic_size(args, stage), seed=args.seed, flavour=stage,
@@ -371,8 +374,8 @@ def evaluate_synthetic(args, model, device, n: int, batch: int = 32) -> tuple[fl
     hits = baseline = 0
     for start in range(0, n, batch):
         samples = [held.sample(i) for i in range(start, min(n, start + batch))]
-        prompts = [tokenize_prompt(s.conversations[:1], model.tokenizer, model.template, not args.text_only)
-                   for s in samples]
+        prompts = [tokenize_prompt(s.conversations[:1], model.tokenizer, model.template, not args.text_only,
+                                   style=args.prompt_style) for s in samples]
         T = max(map(len, prompts))
         ids = torch.full((len(prompts), T), 0, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -452,6 +455,10 @@ def main(argv=None):
     log(f"trained in {(time.time() - t0) / 60:.1f} min")
     model_sd = full_model_state(model)  # a collective under FSDP
     if rank == 0:
+        # the saved config says how the last stage saw its data, so that sample.py / eval.py do the same
+        finetuned = stages[-1] == "finetune"
+        model.cfg.image_aspect_ratio = "pad" if finetuned else "square"
+        model.cfg.template = None if finetuned else "plain"
         model.save_pretrained(out / "final", state_dict=model_sd)
         draw_loss_curve(history, out / "loss.png")
         log(f"final model: {out / 'final'} (python sample.py --model {out / 'final'} --image ...) | "

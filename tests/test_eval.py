@@ -85,8 +85,13 @@ def test_read_records_accepts_the_common_spellings(tmp_path):
     assert [r["question"] for r in recs] == ["How many?", "What colour?", "Is it?", "Zero?"]
     assert [r["answers"] for r in recs] == [["2"], ["red", "red"], ["no"], ["0"]]
     assert [r["image"] for r in recs] == ["a.png", "b.png", None, None]
-    (tmp_path / "bad.json").write_text(json.dumps([{"question": "?"}]))
-    with pytest.raises(SystemExit, match="answer"):
+    # the official question files (model_vqa_loader): question_id, image, text; no answers to score
+    official = [{"question_id": 3, "image": "c.jpg", "text": "What is shown?\nAnswer briefly."}]
+    (tmp_path / "official.jsonl").write_text(json.dumps(official[0]) + "\n")
+    rec, = evaluate.read_records(tmp_path / "official.jsonl")
+    assert (rec["id"], rec["text"], rec["answers"], rec["image"]) == (3, official[0]["text"], None, "c.jpg")
+    (tmp_path / "bad.json").write_text(json.dumps([{"answer": "?"}]))
+    with pytest.raises(SystemExit, match="question"):
         evaluate.read_records(tmp_path / "bad.json")
 
 
@@ -112,15 +117,18 @@ def test_eval_tool_writes_predictions_and_batching_does_not_change_answers(tiny)
     for bs in (1, 4):
         out = tiny / f"pred{bs}.jsonl"
         summary = evaluate.main(["--model", str(tiny / "model"), "--data", str(tiny / "questions.jsonl"),
-                                 "--batch-size", str(bs), "--max-new-tokens", "6", "--out", str(out)])
+                                 "--batch-size", str(bs), "--max-new-tokens", "6", "--out", str(out),
+                                 "--dtype", "fp32"])  # fp32: bf16 rounding depends on the batch's shapes
         runs[bs] = [json.loads(line) for line in out.read_text().splitlines()]
-        assert summary["n"] == 6 and summary["pope"]["n"] == 2
+        assert summary["n"] == summary["scored"] == 6 and summary["pope"]["n"] == 2
         assert json.loads(out.with_suffix(".summary.json").read_text())["n"] == 6
-    assert [r["id"] for r in runs[1]] == list(range(6))
-    assert [r["prediction"] for r in runs[1]] == [r["prediction"] for r in runs[4]]
+    assert [r["question_id"] for r in runs[1]] == list(range(6))
+    assert all(set(r) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"} for r in runs[1])
+    assert [r["text"] for r in runs[1]] == [r["text"] for r in runs[4]]
+    assert {r["model_id"] for r in runs[1]} == {"model"} and len({r["answer_id"] for r in runs[1]}) == 6
     # the scores in the file are the metrics of the printed predictions
     for r in runs[4]:
-        assert r["exact_match"] == evaluate.exact_match(r["prediction"], r["answers"])
+        assert r["metadata"]["exact_match"] == evaluate.exact_match(r["text"], r["metadata"]["answers"])
 
 
 def test_eval_synthetic_heldout_questions(tiny):
