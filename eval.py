@@ -199,7 +199,7 @@ def answer_all(model, records, args, image_root=None) -> list:
         pixels = preprocess(images, pad_to_square=pad, size=model.cfg.vision.image_size).to(device, dtype) \
             if images else None
         out = model.generate(ids.to(device), mask.to(device), pixels, max_new_tokens=args.max_new_tokens,
-                             stop_ids=stop)
+                             stop_ids=stop, vocab_limit=model.tokenizer.vocab_size)
         predictions += [model.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
         if len(records) > args.batch_size:
             done = len(predictions)

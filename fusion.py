@@ -293,7 +293,7 @@ class FlorenceVL(nn.Module):
         _write_json(folder / "config.json", llava_config_json(self.cfg))  # last: its presence marks a complete save
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, dtype=None, tower=None) -> "FlorenceVL":
+    def from_pretrained(cls, path_or_repo_id, dtype=None, tower=None, quantize=None) -> "FlorenceVL":
         """A Florence-VL checkpoint (`jiuhai/florence-vl-{3b,8b}-{pretrain,sft}` or one we saved).
 
         The released repos hold the whole Florence-2 model in their main weights
@@ -301,7 +301,8 @@ class FlorenceVL(nn.Module):
         checkpoint's vision_tower/, or the repo that mm_vision_tower names (its *.json alone is fetched),
         or, when neither can be had, the tower's sizes are read from the weights' shapes. `tower` (a
         Florence-2 folder or hub id) overrides both, and gives the weights when the main ones lack them.
-        The LLM is filled shard by shard (no second copy). dtype None: as config.json says it is stored."""
+        The LLM is filled tensor by tensor (no second copy); quantize='int8' makes its Linears int8 as they
+        are read (quantize.py). dtype None: as config.json says it is stored."""
         folder = resolve(path_or_repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
         hf = read_config(folder)
         if "mm_projector_type" not in hf:
@@ -342,7 +343,7 @@ class FlorenceVL(nn.Module):
 
         with torch.device("meta"):
             llm = LLM(cfg.llm)
-        llm.load_hf_shards(llm_tensors(), f"{folder} (LLM weights)", dtype)
+        llm.load_hf_shards(llm_tensors(), f"{folder} (LLM weights)", dtype, quantize)
         where = "its weights"
         if not tower_sd:  # the tower lives in its own Florence-2 checkpoint
             tower_folder = _tower_weights_folder(path_or_repo_id, folder, hf, tower)
@@ -502,8 +503,10 @@ def _tower_weights_folder(path_or_repo_id, folder: Path, hf: dict, tower=None) -
     tried = []
     for what, where in _tower_sources(folder, hf, tower):
         try:
-            if isinstance(where, Path):  # the checkpoint's own subfolder
+            if isinstance(where, Path):  # the checkpoint's own subfolder, fetched now for a hub repo
                 where = resolve(path_or_repo_id, allow_patterns=["vision_tower/*"]) / "vision_tower"
+                if not where.is_dir():
+                    raise CheckpointError("not there")
             found = resolve(where, allow_patterns=patterns)
             weight_files(found)  # raises when there are none
             return found

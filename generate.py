@@ -36,9 +36,12 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
 @torch.no_grad()
 def generate_steps(llm: LLM, input_ids=None, inputs_embeds=None, attention_mask=None, max_new_tokens: int = 128,
                    temperature: float = 0.0, top_p: float = 1.0, stop_ids=None,
-                   generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                   generator: torch.Generator | None = None,
+                   vocab_limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens (B,), active (B,) bool) once per step; inactive samples already stopped and their
-    token is meaningless. Stops when every sample produced a stop token or after max_new_tokens."""
+    token is meaningless. Stops when every sample produced a stop token or after max_new_tokens.
+    vocab_limit: only ids below it are chosen (rows past the tokenizer's vocabulary, such as Phi-3.5's
+    padding rows 32011-32063, decode to nothing; the official loader drops them by resizing)."""
     cfg = llm.cfg
     stop = torch.tensor(sorted(set(cfg.eos_token_ids if stop_ids is None else stop_ids)), dtype=torch.long)
     embeds = llm.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
@@ -60,6 +63,8 @@ def generate_steps(llm: LLM, input_ids=None, inputs_embeds=None, attention_mask=
     active = torch.ones(B, dtype=torch.bool, device=device)
     generated = []
     for step in range(max_new_tokens):
+        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+            logits[:, vocab_limit:] = float('-inf')
         token = sample(logits, temperature, top_p, generator)  # (B,)
         yield token, active
         active = active & ~torch.isin(token, stop)
@@ -79,7 +84,7 @@ def generate_steps(llm: LLM, input_ids=None, inputs_embeds=None, attention_mask=
 
 def generate(llm: LLM, input_ids=None, inputs_embeds=None, attention_mask=None, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, stop_ids=None, generator=None,
-             stream: Callable[[int, int], None] | None = None) -> list[list[int]]:
+             stream: Callable[[int, int], None] | None = None, vocab_limit: int | None = None) -> list[list[int]]:
     """Generate for a batch of prompts (token ids or embeddings, padded on either side, with
     attention_mask). Returns the new tokens of each sample, without the stop token that ended it.
     stop_ids default to the config's eos_token_ids. stream(sample_index, token_id) is called for every
@@ -88,7 +93,7 @@ def generate(llm: LLM, input_ids=None, inputs_embeds=None, attention_mask=None, 
     out = [[] for _ in range(B)]
     stop = set(llm.cfg.eos_token_ids if stop_ids is None else stop_ids)
     for token, active in generate_steps(llm, input_ids, inputs_embeds, attention_mask, max_new_tokens,
-                                        temperature, top_p, stop_ids, generator):
+                                        temperature, top_p, stop_ids, generator, vocab_limit):
         for b, (t, a) in enumerate(zip(token.tolist(), active.tolist())):
             if a and t not in stop:
                 out[b].append(t)
@@ -97,13 +102,16 @@ def generate(llm: LLM, input_ids=None, inputs_embeds=None, attention_mask=None, 
     return out
 
 
-def stream_text(llm: LLM, tokenizer: Tokenizer, input_ids, inputs_embeds=None, **kwargs) -> Iterator[str]:
+def stream_text(llm: LLM, tokenizer: Tokenizer, input_ids, inputs_embeds=None, strip: bool = False,
+                **kwargs) -> Iterator[str]:
     """One prompt (a list of ids, or (1, T) ids / embeddings): yield the reply's text as it is produced.
-    Stops on the config's eos ids and the tokenizer's end tokens (<|eot_id|>, <|end|>, ...)."""
+    Stops on the config's eos ids and the tokenizer's end tokens (<|eot_id|>, <|end|>, ...); only ids the
+    tokenizer has are chosen. strip: the text as decode(...).strip() gives it (StreamDecoder)."""
     if inputs_embeds is None and not torch.is_tensor(input_ids):
         input_ids = torch.tensor([input_ids], dtype=torch.long)
     kwargs.setdefault('stop_ids', set(llm.cfg.eos_token_ids) | set(tokenizer.end_ids))
-    decoder = StreamDecoder(tokenizer)
+    kwargs.setdefault('vocab_limit', tokenizer.vocab_size)
+    decoder = StreamDecoder(tokenizer, strip=strip)
     for token, active in generate_steps(llm, input_ids, inputs_embeds, **kwargs):
         if not bool(active[0]) or int(token[0]) in kwargs['stop_ids']:
             break

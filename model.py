@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import check_state_dict, read_config, resolve, stream_tensors, weight_files
+from quantize import int8_linear_names, set_int8_linear_
 
 # Phi-3.5-mini-instruct LongRoPE rescale factors, one per rotary frequency (48 = head_dim 96 / 2).
 # Written as the shortest decimals that give the released float32 values bit for bit.
@@ -416,7 +417,7 @@ class LLM(nn.Module):
         return self
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, dtype: torch.dtype | None = None) -> LLM:
+    def from_pretrained(cls, path_or_repo_id, dtype: torch.dtype | None = None, quantize: str | None = None) -> LLM:
         """A Hugging Face folder or hub id: config.json + (sharded) safetensors. Built on the meta device
         and filled shard by shard, each tensor becoming the parameter itself: peak memory is the model
         plus one shard. dtype None: the checkpoint's dtype as config.json states it."""
@@ -427,15 +428,24 @@ class LLM(nn.Module):
             dtype = stored_dtype(hf)
         with torch.device('meta'):
             model = cls(cfg)
-        model.load_hf_shards(({k: t} for k, t in stream_tensors(weight_files(folder))), f'checkpoint {folder}', dtype)
+        model.load_hf_shards(({k: t} for k, t in stream_tensors(weight_files(folder))), f'checkpoint {folder}', dtype,
+                             quantize)
         return model.eval()
 
-    def load_hf_shards(self, shards, what: str = 'LLM checkpoint', dtype: torch.dtype | None = None):
+    def load_hf_shards(self, shards, what: str = 'LLM checkpoint', dtype: torch.dtype | None = None,
+                       quantize: str | None = None):
         """Load an iterable of HF-named state dicts (shards; each is emptied as it is read), strictly
         over all of them together. On a meta-built model each tensor becomes the parameter (cast to
-        dtype), so shards can be streamed with one in memory at a time."""
+        dtype), so shards can be streamed with one in memory at a time. quantize='int8': each Linear
+        becomes an int8 Linear the moment its weight is complete (quantize.py), so the float model is
+        never held."""
         layout = hf_layout(self.cfg)
-        params = dict(self.named_parameters())
+        params = dict(self.named_parameters())  # the shapes, taken before any Linear is replaced
+        int8 = set()
+        if quantize == 'int8':
+            int8 = {f'{n}.weight' for n in int8_linear_names(self)}
+        elif quantize is not None:
+            raise ValueError(f'unknown quantization {quantize!r}: int8 or None')
         where, expected = {}, {}  # HF name -> (our name, part index); HF name -> shape
         for name, parts in layout.items():
             for j, (hf, rows) in enumerate(parts):
@@ -456,8 +466,12 @@ class LLM(nn.Module):
                 pending.setdefault(name, {})[j] = t
                 if len(pending[name]) == len(layout[name]):  # all parts seen (they may span shards)
                     parts = pending.pop(name)
-                    self._set_param(name, torch.cat([parts[i] for i in range(len(parts))]) if len(parts) > 1
-                                    else parts[0], dtype)
+                    t = torch.cat([parts[i] for i in range(len(parts))]) if len(parts) > 1 else parts[0]
+                    if name in int8:
+                        set_int8_linear_(self, name.removesuffix('.weight'), t, dtype or t.dtype)
+                    else:
+                        self._set_param(name, t, dtype)
+                    del t, parts
             del sd  # before the next shard is read, not after
         check_state_dict(expected, got, what)
         if self.cfg.tie_word_embeddings:  # assigning a new embedding Parameter broke the tie

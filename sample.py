@@ -30,6 +30,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 (fp16 on a GPU without bf16), half the memory of fp32")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: the LLM's Linears as int8 weights with a scale per row, quantized while loading "
+                        "(half the memory of bf16; quantize.py)")
     p.add_argument("--conv-mode", choices=TEMPLATE_NAMES, default=None,
                    help="the conversation template (default: the checkpoint's; plain for a pretrain checkpoint)")
     p.add_argument("--prompt-style", choices=PROMPT_STYLES, default="official",
@@ -42,7 +45,8 @@ def load_model(args) -> FlorenceVL:
     dtype = pick_dtype(args.dtype, args.device)
     t0 = time.time()
     try:
-        model = FlorenceVL.from_pretrained(args.model, dtype=dtype, tower=args.tower).to(args.device)
+        model = FlorenceVL.from_pretrained(args.model, dtype=dtype, tower=args.tower,
+                                           quantize=args.quantize).to(args.device)
     except CheckpointError as e:
         raise SystemExit(f"cannot load {args.model}: {e}")
     if model.tokenizer is None:
@@ -50,9 +54,10 @@ def load_model(args) -> FlorenceVL:
                          "tokenizer_config.json, next to its config.json")
     if args.conv_mode:
         model.template = args.conv_mode
-    n = sum(p.numel() for p in model.parameters())
+    n = sum(t.numel() for t in [*model.parameters(), *model.buffers()] if t.dtype != torch.bool)
     size = f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
-    print(f"{args.model}: {size} parameters, {str(dtype).removeprefix('torch.')} on {args.device}, "
+    precision = str(dtype).removeprefix("torch.") + (", LLM Linears int8" if args.quantize else "")
+    print(f"{args.model}: {size} parameters, {precision} on {args.device}, "
           f"template {model.template}, tower {model.tower_note} ({time.time() - t0:.1f} s)", file=sys.stderr)
     return model
 
@@ -79,7 +84,7 @@ def answer(model, conversations, pixel_values, args, out=None) -> str:
     embeds, mask = model.prompt_inputs(ids, None, pixel_values)
     text = []
     generator = torch.Generator(args.device).manual_seed(args.seed)
-    for piece in stream_text(model.llm, model.tokenizer, None, inputs_embeds=embeds, attention_mask=mask,
+    for piece in stream_text(model.llm, model.tokenizer, None, inputs_embeds=embeds, attention_mask=mask, strip=True,
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                              generator=generator):
         out.write(piece)

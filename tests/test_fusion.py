@@ -399,6 +399,36 @@ def test_save_load_round_trip_is_exact_with_official_names(vl, tmp_path):
         assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text() == (folder / name).read_text()
 
 
+def test_prompts_longer_than_tokenizer_model_max_length_are_cut_with_a_warning(vl, florence, tmp_path):
+    """The official model cuts the spliced sequence to config.json's tokenizer_model_max_length, at inference too;
+    so does FlorenceVL.generate, and says so. Within the limit nothing changes (and nothing is said)."""
+    folder = tmp_path / "limited"
+    shutil.copytree(vl["folder"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    ours = FlorenceVL.from_pretrained(vl["folder"])
+    ids, pixels = torch.tensor([[5, 6, IMAGE_TOKEN_INDEX, 7, 8, 9]]), florence["pixels"][:1]
+    mask = torch.ones_like(ids)
+    embeds, full_mask, _ = ours.prepare_inputs(ids, mask, pixels)
+    n = int(full_mask.sum())
+    config["tokenizer_model_max_length"] = n - 3
+    (folder / "config.json").write_text(json.dumps(config))
+    limited = FlorenceVL.from_pretrained(folder)
+    assert limited.cfg.max_length == n - 3 and ours.cfg.max_length is None
+    with pytest.warns(UserWarning, match=rf"a prompt of {n} tokens .* tokenizer_model_max_length {n - 3}"):
+        cut = limited.generate(ids, mask, pixels, max_new_tokens=5, stop_ids=())
+    from generate import generate
+    assert cut == generate(ours.llm, inputs_embeds=embeds[:, :n - 3], attention_mask=full_mask[:, :n - 3],
+                           max_new_tokens=5, stop_ids=())
+    assert cut != ours.generate(ids, mask, pixels, max_new_tokens=5, stop_ids=())  # the cut matters here
+    config["tokenizer_model_max_length"] = n
+    (folder / "config.json").write_text(json.dumps(config))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert FlorenceVL.from_pretrained(folder).generate(ids, mask, pixels, max_new_tokens=5, stop_ids=()) == \
+            ours.generate(ids, mask, pixels, max_new_tokens=5, stop_ids=())
+
+
 # ----------------------------------------------------------------------------------------------
 # 6. The tower from vision_tower/ only; a misshaped projector weight
 
@@ -499,14 +529,17 @@ def run_sample(args, stdin=""):
 def test_sample_answers_a_prompt(sample_model):
     folder, image = sample_model
     question = "What is at the top left?"
-    out = run_sample(["--model", str(folder), "--image", str(image), "--prompt", question, "--max-new-tokens", "12"])
-    # the printed reply is what FlorenceVL.generate gives for the same prompt, decoded
+    out = run_sample(["--model", str(folder), "--image", str(image), "--prompt", question, "--max-new-tokens", "12",
+                      "--dtype", "fp32"])
+    # the printed reply is what FlorenceVL.generate gives for the same prompt (ids the tokenizer has), decoded
+    # and stripped as the official evaluation prints it
     model = FlorenceVL.from_pretrained(folder)
     pixels = preprocess(Image.open(image), pad_to_square=True, size=64)
     ids = tokenize_prompt([{"from": "human", "value": "<image>\n" + question}], model.tokenizer, "phi3", True)
     reply = model.generate(torch.tensor([ids]), None, pixels, max_new_tokens=12,
-                           stop_ids=set(model.cfg.llm.eos_token_ids) | set(model.tokenizer.end_ids))[0]
-    text = model.tokenizer.decode(reply, skip_special_tokens=True)
+                           stop_ids=set(model.cfg.llm.eos_token_ids) | set(model.tokenizer.end_ids),
+                           vocab_limit=model.tokenizer.vocab_size)[0]
+    text = model.tokenizer.decode(reply, skip_special_tokens=True).strip()
     print(f"\nsample.py printed {out!r}")
     assert out.strip() and out == text + "\n"
 

@@ -330,6 +330,20 @@ def test_longrope_generation_crossing_original_context_matches_transformers():
     assert generate(ours, ids, max_new_tokens=32, stop_ids=()) == theirs
 
 
+def test_vocab_limit_keeps_generation_to_the_tokenizers_ids():
+    """Rows past the tokenizer's vocabulary (Phi-3.5's 32011-32063) are never chosen with vocab_limit; without
+    it (negative control) this model picks such ids."""
+    torch.manual_seed(0)
+    llm, limit = LLM(LLMConfig(vocab_size=VOCAB, n_layers=1)).eval(), VOCAB // 2
+    with torch.no_grad():
+        llm.lm_head.weight[limit:] *= 8  # make the rows past the limit win often
+    ids, mask, _, _ = _prompts([6, 9])
+    free = generate(llm, ids, attention_mask=mask, max_new_tokens=20, stop_ids=())
+    limited = generate(llm, ids, attention_mask=mask, max_new_tokens=20, stop_ids=(), vocab_limit=limit)
+    assert any(t >= limit for row in free for t in row)
+    assert all(t < limit for row in limited for t in row) and all(len(row) == 20 for row in limited)
+
+
 def test_sampling():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 50, generator=g) * 3

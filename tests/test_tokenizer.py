@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import tokenizers
-from tokenizers import models, processors
+from tokenizers import decoders, models, processors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import reference_env  # noqa: E402
@@ -288,3 +288,29 @@ def test_fast_tokenizer_bos_from_the_post_processor_or_the_config(tmp_path):
     assert Tokenizer(tmp_path).bos_token_id is None  # the config says there is none
     (tmp_path / 'tokenizer_config.json').write_text(json.dumps({'bos_token': {'content': '</s>'}}))
     assert load_tokenizer(tmp_path).bos_token_id == 1
+
+
+def test_stream_decoder_with_space_clean_up_and_strip(tmp_path):
+    """Llama-3.1's tokenizer_config has clean_up_tokenization_spaces: true, which transformers 4.43 applies when
+    decoding (" ," -> ",", " ' s" -> "'s"). Streamed pieces, token by token, add up to decode(ids).strip() (what
+    the official evaluation prints) and never emit text that a later token changes; a decoder that does not
+    hold back (negative control) emits a space that the clean-up removes."""
+    words = ['Red', 'car', ',', 'blue', 'sky', '.', 'Is', 'it', '?', 'It', "'", 's', "'s", 'fine', "n't", ' ']
+    tok = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token='Red'))
+    tok.decoder = decoders.WordPiece(prefix='##', cleanup=False)  # joins tokens with spaces, cleans nothing
+    tok.save(str(tmp_path / 'tokenizer.json'))
+    (tmp_path / 'tokenizer_config.json').write_text(json.dumps({'clean_up_tokenization_spaces': True}))
+    fast = Tokenizer(tmp_path)
+    ids = [words.index(w) for w in ['Red', 'car', ',', 'blue', 'sky', '.', 'Is', 'it', '?', 'It', "'", 's',
+                                    'fine', "n't", "'s", '.']]
+    assert fast.decode(ids) == "Red car, blue sky. Is it? It's finen't's."
+    stream = fast.stream(strip=True)
+    pieces = [stream.put(i) for i in ids]
+    emitted = ''
+    for p in pieces:
+        emitted += p
+        assert fast.decode(ids).startswith(emitted)
+    assert emitted + stream.flush() == fast.decode(ids).strip()
+    # without the hold-back, "It '" goes out before "s" turns " ' " into "'": the stream can no longer match
+    naive = ''.join(fast.decode(ids[:k + 1])[len(fast.decode(ids[:k])):] for k in range(len(ids)))
+    assert naive != fast.decode(ids) and "It '" in naive
