@@ -21,11 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import (CheckpointError, check_state_dict, read_config, read_weights, resolve, save_safetensors, shapes,
+from checkpoint import (CheckpointError, check_state_dict, read_config, read_weights, resolve, save_sharded, shapes,
                         stream_tensors, tensor_shapes, weight_files, write_text_atomic)
 from florence_encoder import FlorenceConfig, FlorenceVision, prompt_ids, to_original_state_dict, unused_original_key
 from generate import generate
 from model import LLM, LLMConfig, add_generation_eos, stored_dtype
+from quantize import Int8Linear
 from tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 IMAGE_TOKEN_INDEX = -200  # the <image> placeholder in input_ids
@@ -279,18 +280,23 @@ class FlorenceVL(nn.Module):
         sd.update({TOWER_PREFIX + k: v for k, v in to_original_state_dict(part("vision.")).items()})
         return sd
 
-    def save_pretrained(self, folder, state_dict: dict | None = None):
-        """config.json (LLaVA fields + the LLM's), model.safetensors, vision_tower/config.json (Florence-2's
-        own, original spelling) and the tokenizer. Each file is written atomically."""
+    def save_pretrained(self, folder, state_dict: dict | None = None, max_shard_bytes: int = 5 * 10**9):
+        """config.json (LLaVA fields + the LLM's), model.safetensors (or, past max_shard_bytes, shards and
+        model.safetensors.index.json, as the hub layout), vision_tower/config.json (Florence-2's own, original
+        spelling) and the tokenizer. Each file is written atomically, one tensor at a time."""
+        if any(isinstance(m, Int8Linear) for m in self.llm.modules()):
+            raise ValueError("a model loaded with --quantize int8 is for inference: save the model loaded without it")
         folder = Path(folder)
         (folder / "vision_tower").mkdir(parents=True, exist_ok=True)
         _write_json(folder / "vision_tower" / "config.json", florence_config_json(self.cfg.vision))
         _write_json(folder / "vision_tower" / "preprocessor_config.json", preprocessor_config_json(self.cfg.vision))
         if self.tokenizer is not None:
             self.tokenizer.save(folder)
-        weights = {k: v.contiguous() for k, v in self.llava_state_dict(state_dict).items()}
-        save_safetensors(weights, folder / "model.safetensors")
-        _write_json(folder / "config.json", llava_config_json(self.cfg))  # last: its presence marks a complete save
+        weights = self.llava_state_dict(state_dict)
+        save_sharded(weights, folder, max_shard_bytes)
+        config = llava_config_json(self.cfg)
+        config["torch_dtype"] = str(weights["model.embed_tokens.weight"].dtype).removeprefix("torch.")
+        _write_json(folder / "config.json", config)  # last: its presence marks a complete save
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, dtype=None, tower=None, quantize=None) -> "FlorenceVL":
@@ -333,7 +339,8 @@ class FlorenceVL(nn.Module):
 
         def llm_tensors():  # one tensor at a time: the tower's and projector's set aside, the LLM's yielded
             unused = lambda k: k.startswith(TOWER_PREFIX) and unused_original_key(k.removeprefix(TOWER_PREFIX))
-            for k, t in stream_tensors(files, skip=unused):  # Florence-2's decoder is never read
+            lazy = lambda k: quantize is not None and not k.startswith((TOWER_PREFIX, PROJECTOR_PREFIX))
+            for k, t in stream_tensors(files, skip=unused, lazy=lazy):  # Florence-2's decoder is never read
                 if k.startswith(TOWER_PREFIX):
                     tower_sd[k.removeprefix(TOWER_PREFIX)] = t
                 elif k.startswith(PROJECTOR_PREFIX):

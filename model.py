@@ -21,8 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import check_state_dict, read_config, resolve, stream_tensors, weight_files
-from quantize import int8_linear_names, set_int8_linear_
+from checkpoint import (StoredTensor, check_state_dict, read_config, release_freed_memory, resolve, stream_tensors,
+                        weight_files)
+from quantize import int8_linear_names, quantize_weight, set_int8_linear_
 
 # Phi-3.5-mini-instruct LongRoPE rescale factors, one per rotary frequency (48 = head_dim 96 / 2).
 # Written as the shortest decimals that give the released float32 values bit for bit.
@@ -428,8 +429,8 @@ class LLM(nn.Module):
             dtype = stored_dtype(hf)
         with torch.device('meta'):
             model = cls(cfg)
-        model.load_hf_shards(({k: t} for k, t in stream_tensors(weight_files(folder))), f'checkpoint {folder}', dtype,
-                             quantize)
+        tensors = stream_tensors(weight_files(folder), lazy=lambda name: quantize is not None)
+        model.load_hf_shards(({k: t} for k, t in tensors), f'checkpoint {folder}', dtype, quantize)
         return model.eval()
 
     def load_hf_shards(self, shards, what: str = 'LLM checkpoint', dtype: torch.dtype | None = None,
@@ -463,15 +464,24 @@ class LLM(nn.Module):
                 if hf not in where or got[hf] != tuple(expected[hf]):
                     continue  # reported all together by check_state_dict below
                 name, j = where[hf]
+                if name in int8:  # rows quantize independently: each part (q, k, v) on arrival, block by block
+                    t = quantize_weight(t, dtype or t.dtype)
+                elif isinstance(t, StoredTensor):
+                    t = t[:]
                 pending.setdefault(name, {})[j] = t
                 if len(pending[name]) == len(layout[name]):  # all parts seen (they may span shards)
                     parts = pending.pop(name)
-                    t = torch.cat([parts[i] for i in range(len(parts))]) if len(parts) > 1 else parts[0]
+                    parts = [parts[i] for i in range(len(layout[name]))]
                     if name in int8:
-                        set_int8_linear_(self, name.removesuffix('.weight'), t, dtype or t.dtype)
+                        q, scale = (torch.cat(x) if len(parts) > 1 else x[0] for x in zip(*parts))
+                        set_int8_linear_(self, name.removesuffix('.weight'), (q, scale))
                     else:
+                        t = torch.cat(parts) if len(parts) > 1 else parts[0]
                         self._set_param(name, t, dtype)
+                    converted = name in int8 or len(parts) > 1 or (dtype is not None and parts[0].dtype != dtype)
                     del t, parts
+                    if converted:  # a read buffer was freed: give its pages back, or they pile up
+                        release_freed_memory()
             del sd  # before the next shard is read, not after
         check_state_dict(expected, got, what)
         if self.cfg.tie_word_embeddings:  # assigning a new embedding Parameter broke the tie

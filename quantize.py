@@ -10,9 +10,10 @@ logit error on a random model).
 
 Loading straight to int8, never holding the bf16 model: build the LLM on the meta device, and as a
 loader assembles each weight named by int8_linear_names(llm) (q/k/v and gate/up concatenated first),
-call set_int8_linear_(llm, name, weight, dtype) instead of setting the parameter, then drop the
-float weight; the other parameters (embedding, norms) load as usual. The peak beyond the int8 model
-is one float weight and its fp32 working copy (lm_head of Llama-3.1-8B: 1 + 2 GB).
+call set_int8_linear_(llm, name, weight, dtype) instead of setting the parameter; the other parameters
+(embedding, norms) load as usual. model.LLM.load_hf_shards does this, with each weight still in its file
+(checkpoint.StoredTensor): quantize_weight reads it a block of rows at a time, so the peak beyond the
+int8 model is one block (4 MB of fp32), never a float weight (lm_head of Llama-3.1-8B: 1 GB in bf16).
 """
 from __future__ import annotations
 
@@ -26,6 +27,11 @@ import torch.nn.functional as F
 KERNEL_MAX_ROWS = {torch.bfloat16: 128, torch.float16: 2, torch.float32: 2}
 
 
+# quantize_weight works through a weight this many elements at a time (4 MB of fp32), so that loading
+# Llama-3.1-8B's lm_head (128257 x 4096) does not need a 2 GB fp32 copy next to the bf16 one
+BLOCK_ELEMENTS = 1 << 20
+
+
 def kernel_fits(x: torch.Tensor, q: torch.Tensor) -> bool:
     """Whether the CPU kernel can read x (M, K) and q (N, K) safely. Its vector paths (AVX512 / AVX2 for
     bf16, NEON for all dtypes) step through K 16 (or 8) values at a time with no tail, using aligned
@@ -36,13 +42,19 @@ def kernel_fits(x: torch.Tensor, q: torch.Tensor) -> bool:
 
 def quantize_weight(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """w (out, in) of any float dtype -> (q int8 (out, in), scale (out,) in dtype), w ~ q * scale[:, None].
+    w may also be a checkpoint.StoredTensor: its rows are then read from the file block by block.
 
     scale = max|row| / 127, rounded to dtype *before* q is computed, so that |q * scale - w| <= scale / 2
     holds for the scale actually stored (a bf16 scale is off by up to 2^-9). The floor at the dtype's
     smallest normal number keeps an all-zero row (q = 0) and tiny fp16 rows away from 0 and subnormals."""
-    w = w.detach().to(torch.float32, copy=True)  # exact for bf16 / fp16; the one fp32 copy, then in place
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(dtype).tiny).to(dtype)
-    q = w.div_(scale.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)  # -128 unused: symmetric
+    w = w.detach()
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=dtype, device=w.device)
+    step = max(1, BLOCK_ELEMENTS // max(w.shape[1], 1))  # rows at a time: the fp32 working copy stays small
+    for i in range(0, w.shape[0], step):
+        block = w[i:i + step].to(torch.float32, copy=True)  # exact for bf16 / fp16
+        scale[i:i + step] = (block.abs().amax(dim=1) / 127).clamp(min=torch.finfo(dtype).tiny).to(dtype)
+        q[i:i + step] = block.div_(scale[i:i + step].float()[:, None]).round_().clamp_(-127, 127)  # -128 unused
     return q, scale
 
 
@@ -97,17 +109,24 @@ def int8_linear_names(llm: nn.Module) -> list[str]:
     return [name for name, m in llm.named_modules() if isinstance(m, nn.Linear) and m.weight is not embed]
 
 
-def set_int8_linear_(llm: nn.Module, name: str, weight: torch.Tensor, dtype: torch.dtype | None = None):
-    """Replace the Linear `name` of llm (meta or real) by the Int8Linear of `weight`: the loader's hook."""
+def set_int8_linear_(llm: nn.Module, name: str, weight, dtype: torch.dtype | None = None):
+    """Replace the Linear `name` of llm (meta or real) by the Int8Linear of `weight`: the loader's hook.
+    weight: a float weight (out, in), or an already quantized (q, scale) pair."""
     parent, _, attr = name.rpartition('.')
     old = llm.get_submodule(name)
     if not isinstance(old, nn.Linear):
         raise TypeError(f'{name} is a {type(old).__name__}, not an nn.Linear')
     if old.bias is not None:
         raise NotImplementedError(f'{name} has a bias; Int8Linear has none (neither do the LLM Linears)')
-    if tuple(weight.shape) != (old.out_features, old.in_features):
-        raise ValueError(f'{name}: weight {tuple(weight.shape)}, module wants {(old.out_features, old.in_features)}')
-    setattr(llm.get_submodule(parent), attr, Int8Linear.from_weight(weight, dtype))
+    q, scale = weight if isinstance(weight, tuple) else (weight, None)
+    if tuple(q.shape) != (old.out_features, old.in_features):
+        raise ValueError(f'{name}: weight {tuple(q.shape)}, module wants {(old.out_features, old.in_features)}')
+    if scale is None:
+        module = Int8Linear.from_weight(weight, dtype)
+    else:
+        module = Int8Linear(q.shape[1], q.shape[0], scale.dtype, device='meta')
+        module.weight, module.scale = q, scale
+    setattr(llm.get_submodule(parent), attr, module)
 
 
 @torch.no_grad()

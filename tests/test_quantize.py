@@ -63,6 +63,17 @@ def test_round_trip_error_is_at_most_half_a_step(w_dtype, dtype):
         assert torch.equal(q, q32) and torch.equal(scale, s32)
 
 
+def test_quantizing_in_row_blocks_changes_nothing(monkeypatch):
+    """quantize_weight works a block of rows at a time (a bounded fp32 copy); blocks of 3 rows or the whole
+    weight give the same int8 values and scales."""
+    import quantize
+    w = (torch.randn(50, 32) * torch.rand(50, 1) * 3).to(torch.bfloat16)
+    whole = quantize_weight(w, torch.bfloat16)
+    monkeypatch.setattr(quantize, "BLOCK_ELEMENTS", 3 * 32 + 5)
+    blocked = quantize_weight(w, torch.bfloat16)
+    assert torch.equal(whole[0], blocked[0]) and torch.equal(whole[1], blocked[1])
+
+
 # ---- Int8Linear against the float Linear on its dequantized weight ----------------------------------
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
@@ -272,3 +283,23 @@ def test_loading_weight_by_weight_matches_quantizing_in_place(models):
     assert not any(t.is_meta for t in [*llm.parameters(), *llm.buffers()])
     ids = torch.arange(20)[None]
     assert torch.equal(llm(ids), int8(ids))
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_loading_to_int8_equals_quantizing_the_loaded_model(family, tmp_path):
+    """LLM.from_pretrained(..., quantize='int8') quantizes each weight as it is read (Llama's q/k/v and
+    gate/up apart, then joined; Phi-3's fused ones whole): the same int8 weights and scales as loading bf16
+    and then quantize_llm_."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+    from helpers import random_hf_model
+    kw = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2 if family == "llama" else 4, max_position_embeddings=64, pad_token_id=0,
+              bos_token_id=None, eos_token_id=None)
+    cls, cfg = (LlamaForCausalLM, LlamaConfig(**kw)) if family == "llama" else (Phi3ForCausalLM, Phi3Config(**kw))
+    random_hf_model(cls, cfg).to(torch.bfloat16).save_pretrained(tmp_path)
+    lazy = LLM.from_pretrained(tmp_path, dtype=torch.bfloat16, quantize="int8")
+    eager = LLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    quantize_llm_(eager)
+    a, b = lazy.state_dict(), eager.state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert isinstance(lazy.layers[0].self_attn.qkv_proj, Int8Linear)
