@@ -3,6 +3,7 @@
     python bench.py                                           # CPU, fp32, 1 thread, cases 1-4 (5 needs CUDA)
     python bench.py --cases 3 --repeats 5 --threads 2
     python bench.py --device cuda --dtype bf16 --cases 1,2,3,5
+    python bench.py --cases 6,7,8 --threads 2 --checkpoints DIR     # CPU, real sizes, bf16 / int8 (minutes)
 
 Cases 1-3 build one random model with transformers, copy its weights into ours (the same loaders the
 parity tests use), check that both compute the same thing, then time them in the same process,
@@ -30,8 +31,36 @@ ratio ours / reference (lower is better). What each reference computes:
    fp32 weights + fused AdamW, as train.py does), FLOPs from torch.utils.flop_counter; and batch-1
    decode tokens/s as a share of the memory-bandwidth roofline.
 
+6  (CPU, bench_real.py) Florence-VL-3B at its real shapes, bf16: Florence-2-large tower at 768 px, Phi-3.5-mini
+   with all 32 layers, random weights. Time to first token (TTFT) of one image + a 30-token question (617
+   tokens: the whole prompt path, vision features, projector, splice, LLM prefill, first token) and decode
+   ms/token at batch 1 (--real-tokens new tokens, both forced to make as many; the tokens compared), from one
+   answer's clock readings at each token. Reference = the official path from transformers parts: native
+   Florence2ForConditionalGeneration features for the three task prompts, every (image, prompt) pair its own
+   encoder sample (DaViT 3 times per image, as in case 1), channel concat, the projector, the LLaVA splice,
+   Phi3ForCausalLM.generate(inputs_embeds=..., greedy, KV cache). transformers builds the models once; ours
+   is given their tensors (shared storage: both fit in memory together). Also: each side's TTFT split into
+   DaViT / encoder / projector / prefill (forward hooks), their FLOPs (FlopCounterMode, with a formula for
+   the CPU SDPA kernel, which it does not count by itself), the share of a bare bf16 matmul each stage
+   reaches, and the peak RSS of each side built alone in a child process (tests/memory.py) with one TTFT.
+   Targets: TTFT <= 0.75 x the reference, decode <= 1.0 x.
+7  (CPU) the same with ours quantize='int8' (the LLM's Linears int8, one scale per row), the reference still
+   bf16 (what a user would pick instead): TTFT and decode ms/token (target: decode <= 0.6 x the reference's
+   bf16), and each decode step as a share of the memory-bandwidth roofline, a bare matrix-vector pass over
+   the same bytes (F.linear over the bf16 weight matrices, torch._weight_int8pack_mm over the int8 ones);
+   ours' int8 peak RSS in a child.
+8  (CPU) loading at full size: random Florence-VL-3B and -8B checkpoints in the official LLaVA layout
+   (names and shapes from FlorenceVL on the meta device, bf16 shards <= 5 GB + model.safetensors.index.json,
+   config.json, vision_tower/config.json; each tensor drawn as it is written, the builder never holds the
+   model; in a temp folder, or --checkpoints DIR to keep and reuse them: ~26 GB), then, each in a child
+   process, FlorenceVL.from_pretrained(folder, dtype, quantize) for int8, bf16, fp32: peak memory added,
+   the loaded model's bytes, their ratio (target <= 1.15), seconds (what cannot fit in RAM is skipped, with
+   the reason). Also save_pretrained of the loaded 3B bf16 model (peak added over it, target <= one 5 GB
+   shard) and the 8B int8 whole-process peak (target <= 10 GiB).
+
 On the CPU the times are process CPU time (wall time also counts other jobs' turns on our core; both
-are printed); on CUDA wall time. Every repeat is printed, not only the medians.
+are printed); on CUDA wall time. Cases 6-7 use wall time when --threads > 1 (process CPU time sums the
+threads), CPU time with 1 thread. Every repeat is printed, not only the medians.
 """
 import argparse
 import gc
@@ -73,13 +102,14 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def race(fns: dict, repeats: int, warmup: int, device) -> dict:
+def race(fns: dict, repeats: int, warmup: int, device, clock: str | None = None) -> dict:
     """Run the callables in turn, the order reversed every round (ours, ref, ref, ours, ...), so that a
     drift in machine load hits both alike. Returns name -> median seconds (warm-up rounds dropped).
 
     On the CPU the medians are of process CPU time (this process's threads only): on a machine shared
     with other jobs, wall time also counts the time other processes held our core, which is noise (with
-    --threads N > 1 it sums the N threads). Wall times are printed too. On CUDA: wall time, synchronised."""
+    --threads N > 1 it sums the N threads). Wall times are printed too. On CUDA: wall time, synchronised.
+    clock="wall" returns the wall-time medians on the CPU too (cases 6-7 with more than one thread)."""
     names = list(fns)
     wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
     for r in range(warmup + repeats):
@@ -97,7 +127,8 @@ def race(fns: dict, repeats: int, warmup: int, device) -> dict:
             ts = times[name]
             print(f"    {name:10s} {clock:4s} " + " ".join(f"{t * 1e3:9.1f}" for t in ts)
                   + f"   median {statistics.median(ts) * 1e3:9.1f} ms")
-    return {k: statistics.median(v) for k, v in clocks[0][1].items()}
+    chosen = wall if clock == "wall" else clocks[0][1]
+    return {k: statistics.median(v) for k, v in chosen.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,18 +169,23 @@ def florence_pair(size: int):
     return hf, FlorenceVision.from_state_dict(cfg, weights, what="random Florence-2-base")
 
 
+def phi3_hf_config(cfg: LLMConfig):
+    """A transformers Phi3Config of our config's shapes, with Phi-3.5-mini's LongRoPE factors."""
+    from transformers import Phi3Config
+    return Phi3Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                      num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_position_embeddings,
+                      original_max_position_embeddings=cfg.original_max_position_embeddings,
+                      rms_norm_eps=cfg.rms_norm_eps, bos_token_id=1, eos_token_id=None, pad_token_id=cfg.pad_token_id,
+                      rope_parameters=dict(rope_type="longrope", rope_theta=cfg.rope_theta,
+                                           short_factor=list(PHI35_SHORT_FACTOR),
+                                           long_factor=list(PHI35_LONG_FACTOR)))
+
+
 def hf_phi3(n_layers: int):
     """A random transformers Phi3ForCausalLM: Phi-3.5-mini's shapes and LongRoPE, n_layers layers."""
-    from transformers import Phi3Config, Phi3ForCausalLM
-    cfg = LLMConfig.from_name("phi3.5-mini")
-    config = Phi3Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                        num_hidden_layers=n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-                        max_position_embeddings=cfg.max_position_embeddings,
-                        original_max_position_embeddings=cfg.original_max_position_embeddings,
-                        rms_norm_eps=cfg.rms_norm_eps, bos_token_id=1, eos_token_id=None, pad_token_id=cfg.pad_token_id,
-                        rope_parameters=dict(rope_type="longrope", rope_theta=cfg.rope_theta,
-                                             short_factor=list(PHI35_SHORT_FACTOR),
-                                             long_factor=list(PHI35_LONG_FACTOR)))
+    from transformers import Phi3ForCausalLM
+    config = phi3_hf_config(LLMConfig.from_name("phi3.5-mini", n_layers=n_layers))
     torch.manual_seed(0)
     model = Phi3ForCausalLM(config)
     with torch.no_grad():  # peaked logits: greedy decoding does not wander between near-ties
@@ -356,7 +392,7 @@ def case_ddp(args):
                 out = Path(tmp) / f"run{r}-{nproc}"
                 cmd = [str(torchrun), "--standalone", f"--nproc_per_node={nproc}", "train.py", "--steps", str(steps),
                        "--eval-samples", "0", "--vision-steps", "0", "--out", str(out), "--resume", "none",
-                       "--log-every", str(steps)]  # stage 0 (no tokens) is left out: stages 1 and 2 are measured
+                       "--log-every", str(steps), "--threads", str(args.threads)]  # stage 0 (no tokens) is left out
                 load = os.getloadavg()[0]
                 cpu0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
                 run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -477,8 +513,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="weights (cases 1, 3) / autocast (case 2); case 5 is always bf16")
-    p.add_argument("--cases", default="1,2,3,4,5", help="comma-separated case numbers (5 needs --device cuda)")
+                   help="weights (cases 1, 3) / autocast (case 2); case 5 is always bf16, cases 6-8 bf16 (7: int8)")
+    p.add_argument("--cases", default="1,2,3,4,5",
+                   help="comma-separated case numbers (5 needs --device cuda; 6, 7, 8 run on the CPU, take minutes "
+                        "and need ~20 GiB of RAM: not in the default)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per case (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--threads", type=int, default=1,
@@ -494,6 +532,8 @@ def main(argv=None):
     p.add_argument("--mfu-batch", type=int, default=4)
     p.add_argument("--mfu-seq", type=int, default=2048)
     p.add_argument("--decode-tokens", type=int, default=256, help="case 5: decode steps timed")
+    import bench_real  # cases 6-8
+    bench_real.add_arguments(p)
     args = p.parse_args(argv)
     args.mfu_layers = [int(x) for x in args.mfu_layers.split(",")]
     cases = [int(c) for c in args.cases.split(",") if c.strip()]
@@ -523,6 +563,10 @@ def main(argv=None):
                 rows.append(("5", "GPU MFU and decode roofline", "skipped: needs --device cuda", "-", "-", "-", "-"))
                 continue
             rows += case_gpu(args, device)
+        elif c in (6, 7, 8):
+            if device.type != "cpu":
+                raise SystemExit(f"case {c} runs on the CPU (drop --device {device.type})")
+            rows += {6: bench_real.case_real_bf16, 7: bench_real.case_real_int8, 8: bench_real.case_loading}[c](args)
         else:
             raise SystemExit(f"unknown case {c}")
         print(f"    ({time.time() - t0:.0f} s)\n", flush=True)
