@@ -33,16 +33,24 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+# Steps between the host's looks at whether every sample has stopped: each look is a host sync, which a
+# GPU pays for (a CUDA-graph step is ~10 us of launch); up to CHECK_EVERY - 1 steps may run past the end.
+CHECK_EVERY = 8
+
+
 @torch.no_grad()
 def generate_steps(llm: LLM, input_ids=None, inputs_embeds=None, attention_mask=None, max_new_tokens: int = 128,
                    temperature: float = 0.0, top_p: float = 1.0, stop_ids=None,
-                   generator: torch.Generator | None = None,
-                   vocab_limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                   generator: torch.Generator | None = None, vocab_limit: int | None = None,
+                   decode: Callable | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens (B,), active (B,) bool) once per step; inactive samples already stopped and their
-    token is meaningless. Stops when every sample produced a stop token or after max_new_tokens.
-    vocab_limit: only ids below it are chosen (rows past the tokenizer's vocabulary, such as Phi-3.5's
-    padding rows 32011-32063, decode to nothing; the official loader drops them by resizing)."""
+    token is meaningless. Stops after max_new_tokens, or (looked at every CHECK_EVERY steps) once every
+    sample produced a stop token. vocab_limit: only ids below it are chosen (rows past the tokenizer's
+    vocabulary, such as Phi-3.5's padding rows 32011-32063, decode to nothing; the official loader drops
+    them by resizing). decode: the step function, llm.decode_step by default (compile_decode gives a
+    compiled one). Host reads: one after the prefill, one per CHECK_EVERY steps; the steps none."""
     cfg = llm.cfg
+    decode = decode or llm.decode_step
     stop = torch.tensor(sorted(set(cfg.eos_token_ids if stop_ids is None else stop_ids)), dtype=torch.long)
     embeds = llm.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
     B, T, _ = embeds.shape
@@ -60,6 +68,7 @@ def generate_steps(llm: LLM, input_ids=None, inputs_embeds=None, attention_mask=
         return llm.lm_head(hidden[torch.arange(B, device=device), last])  # (B, V)
 
     logits = prefill(embeds, mask)
+    top = int(cache.next_pos.max())  # the furthest position so far: when LongRoPE's switch comes is known now
     active = torch.ones(B, dtype=torch.bool, device=device)
     generated = []
     for step in range(max_new_tokens):
@@ -69,36 +78,50 @@ def generate_steps(llm: LLM, input_ids=None, inputs_embeds=None, attention_mask=
         yield token, active
         active = active & ~torch.isin(token, stop)
         generated.append(token)
-        if step == max_new_tokens - 1 or not bool(active.any()):
+        if step == max_new_tokens - 1 or ((step + 1) % CHECK_EVERY == 0 and not bool(active.any())):
             return
-        if (cfg.rope_type == 'longrope' and not cache.long_rope
-                and int(cache.next_pos.max()) + 1 > cfg.original_max_position_embeddings):
+        if cfg.rope_type == 'longrope' and not cache.long_rope and top + step + 1 > cfg.original_max_position_embeddings:
             # LongRoPE switches to its long factors once the sequence outgrows the original context;
             # the cached keys were rotated with the short ones, so recompute them all (as transformers does)
             new = torch.stack(generated, 1)  # (B, step + 1)
             logits = prefill(torch.cat([embeds, llm.embed_tokens(new)], 1),
                              torch.cat([mask, torch.ones_like(new)], 1))
         else:
-            logits = llm(input_ids=token[:, None], cache=cache)[:, -1]  # (B, V)
+            logits = decode(token, cache)  # (B, V)
+
+
+def compile_decode(llm: LLM, mode: str | None = None) -> Callable:
+    """llm.decode_step compiled as one graph (fullgraph: a graph break would fail here, not slow down
+    quietly); mode='reduce-overhead' on CUDA also captures it as a CUDA graph."""
+    return torch.compile(llm.decode_step, fullgraph=True, dynamic=False, mode=mode)
 
 
 def generate(llm: LLM, input_ids=None, inputs_embeds=None, attention_mask=None, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, stop_ids=None, generator=None,
-             stream: Callable[[int, int], None] | None = None, vocab_limit: int | None = None) -> list[list[int]]:
+             stream: Callable[[int, int], None] | None = None, vocab_limit: int | None = None,
+             decode: Callable | None = None) -> list[list[int]]:
     """Generate for a batch of prompts (token ids or embeddings, padded on either side, with
     attention_mask). Returns the new tokens of each sample, without the stop token that ended it.
     stop_ids default to the config's eos_token_ids. stream(sample_index, token_id) is called for every
-    new token as soon as it is sampled."""
+    new token as soon as it is sampled (the host reads each token); without it the tokens stay on the
+    device until the end."""
     B = (input_ids if input_ids is not None else inputs_embeds).shape[0]
     out = [[] for _ in range(B)]
     stop = set(llm.cfg.eos_token_ids if stop_ids is None else stop_ids)
+    tokens, flags = [], []
     for token, active in generate_steps(llm, input_ids, inputs_embeds, attention_mask, max_new_tokens,
-                                        temperature, top_p, stop_ids, generator, vocab_limit):
+                                        temperature, top_p, stop_ids, generator, vocab_limit, decode):
+        if stream is None:
+            tokens.append(token)
+            flags.append(active)
+            continue
         for b, (t, a) in enumerate(zip(token.tolist(), active.tolist())):
             if a and t not in stop:
                 out[b].append(t)
-                if stream is not None:
-                    stream(b, t)
+                stream(b, t)
+    if tokens:
+        for b, (row, alive) in enumerate(zip(torch.stack(tokens, 1).tolist(), torch.stack(flags, 1).tolist())):
+            out[b] = [t for t, a in zip(row, alive) if a and t not in stop]
     return out
 
 

@@ -7,7 +7,6 @@ fail. Weights are re-drawn away from the init (norms != 1, larger scales) so eve
 and greedy generation does not collapse onto one token.
 """
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, decoders, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from checkpoint import CheckpointError  # noqa: E402
 from generate import StreamDecoder, generate, sample, stream_text  # noqa: E402
 from model import LLM, KVCache, LLMConfig  # noqa: E402
@@ -282,6 +280,63 @@ def test_kv_cache_logits_match_full_forward(family):
     d_hf = max_diff(torch.cat(cached_ours, 1), torch.cat(cached_hf, 1))
     print(f'{family}: kv-cache vs full forward max abs diff {d:.2e}; vs transformers cached {d_hf:.2e}')
     assert d <= TOL and d_hf <= TOL
+
+
+@pytest.mark.parametrize('family', ['llama', 'phi3'])
+def test_decode_step_matches_the_forward_step_and_transformers(family):
+    """decode_step (fixed shapes: every cache slot read under the valid mask, the slot index a tensor) gives
+    the logits of forward's one-token step, and transformers' cached ones; a left-padded prompt too."""
+    hf = (random_hf_model(LlamaForCausalLM, llama_hf_config()) if family == 'llama'
+          else random_hf_model(Phi3ForCausalLM, phi3_hf_config()))
+    ours = _loaded(hf.config.to_dict(), hf.state_dict())
+    ids, _ = batch(20, [20, 20])
+    mask = torch.ones_like(ids[:, :10])
+    mask[1, :4] = 0
+    with torch.no_grad():
+        a, b = KVCache(ours.cfg, 2, 20), KVCache(ours.cfg, 2, 20)
+        ours(ids[:, :10], attention_mask=mask, cache=a)
+        ours(ids[:, :10], attention_mask=mask, cache=b)
+        stepped = [ours.decode_step(ids[:, t], a) for t in range(10, 20)]
+        forward = [ours(ids[:, t:t + 1], cache=b)[:, -1] for t in range(10, 20)]
+        ref = hf(ids[:1, :10], use_cache=True)
+        pkv, theirs = ref.past_key_values, []
+        for t in range(10, 20):
+            theirs.append(hf(ids[:1, t:t + 1], past_key_values=pkv, use_cache=True).logits[:, -1])
+    d = max_diff(torch.stack(stepped), torch.stack(forward))
+    d_hf = max_diff(torch.stack(stepped)[:, :1], torch.stack(theirs))
+    print(f'{family}: decode_step vs forward step {d:.2e}, vs transformers cached {d_hf:.2e}')
+    assert d <= 1e-5 and d_hf <= TOL
+
+
+def test_generation_reads_the_device_only_every_few_steps(monkeypatch):
+    """The decode loop's host reads (what makes a GPU wait: .item, .tolist, bool(), int()) are one after the
+    prefill and one per CHECK_EVERY steps, not several per token; the steps themselves have none."""
+    import generate as G
+    hf = random_hf_model(LlamaForCausalLM, llama_hf_config())
+    ours = _loaded(hf.config.to_dict(), hf.state_dict())
+    ids, mask, _, _ = _prompts([12, 5])
+    expected = generate(ours, ids, attention_mask=mask, max_new_tokens=32, stop_ids=())
+    reads = []
+    for name in ('item', 'tolist', '__bool__', '__int__'):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, _name=name, **k):
+            reads.append(_name)
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    prefill_reads = []
+    forward = LLM.forward
+
+    def forward_counted(self, *a, **k):  # the prefill's own reads (its masks) are counted apart
+        before = len(reads)
+        out = forward(self, *a, **k)
+        prefill_reads.append(len(reads) - before)
+        return out
+    monkeypatch.setattr(LLM, 'forward', forward_counted)
+    assert generate(ours, ids, attention_mask=mask, max_new_tokens=32, stop_ids=()) == expected
+    loop = len(reads) - sum(prefill_reads)
+    print(f'host reads: {sum(prefill_reads)} in the prefill, {loop} in 32 decode steps')
+    assert len(prefill_reads) == 1 and loop <= 1 + 32 // G.CHECK_EVERY + 2  # + the final transfer of tokens
 
 
 def _prompts(lengths, seed=3):
