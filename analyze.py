@@ -23,16 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from checkpoint import read_config, resolve
-from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LLaVADataset, tokenize_conversation, truncate
+from checkpoint import DTYPES, read_config, resolve
+from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LLaVADataset, right_pad, tokenize_conversation, truncate
 from florence_encoder import FlorenceVision, expand_to_square, preprocess, prompt_ids
 from fusion import FlorenceVL, build_projector
+from schedule import lr_at
 
 PROMPT_NAMES = ("caption", "OCR", "region")  # the three task prompts of florence_encoder.TASK_PROMPTS, in order
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ---- PCA pictures --------------------------------------------------------------------------------------
@@ -180,25 +179,15 @@ def cache_features(model, pairs, ids, masked, batch, device, dtype) -> list:
 
 def pad_batch(tokens: list, idx, pad_id: int, device):
     """Right-padded (input_ids, attention_mask, labels) of the captions idx."""
-    rows = [tokens[i] for i in idx]
-    T = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for r, (i, l) in enumerate(rows):
-        ids[r, :len(i)], labels[r, :len(l)], mask[r, :len(i)] = torch.tensor(i), torch.tensor(l), 1
+    ids, mask = right_pad([tokens[i][0] for i in idx], pad_id)
+    labels, _ = right_pad([tokens[i][1] for i in idx], IGNORE_INDEX)
     return ids.to(device), mask.to(device), labels.to(device)
 
 
 def caption_loss(model, visual, ids, mask, labels):
     """(sum of the caption tokens' cross-entropy, their number) under the frozen LLM; visual (B, N, H) or
     None (text only). As FlorenceVL.forward, with the visual tokens given instead of computed."""
-    embeds, mask, labels = model.splice(ids, mask, labels, visual)
-    hidden = model.llm(inputs_embeds=embeds, attention_mask=mask, return_hidden=True)  # (B, T, H)
-    targets = labels[:, 1:]
-    supervised = targets != IGNORE_INDEX
-    logits = model.llm.lm_head(hidden[:, :-1][supervised])
-    return F.cross_entropy(logits.float(), targets[supervised], reduction="sum"), int(supervised.sum())
+    return model.supervised_loss(*model.splice(ids, mask, labels, visual))
 
 
 @torch.no_grad()
@@ -226,11 +215,9 @@ def train_probe(model, which, train, held, args, order, pad_id, device) -> dict:
         return lambda idx: projector(torch.cat([cache[j][idx] for j in which], -1).float()).to(dtype)
 
     history = [(0, heldout_loss(model, project(held_cache), held_cache, held_tok, pad_id, device))]
-    warmup = max(1, round(0.03 * args.steps))
     running = None
     for step, idx in enumerate(order):
-        decay = 0.5 * (1 + math.cos(math.pi * max(0, step - warmup) / max(1, len(order) - warmup)))
-        lr = args.lr * min((step + 1) / warmup, decay)
+        lr = lr_at(step, len(order), args.lr, 0.03)
         for g in optimizer.param_groups:
             g["lr"] = lr
         loss_sum, n = caption_loss(model, project(train_cache)(idx), *pad_batch(train_tok, idx, pad_id, device))

@@ -6,7 +6,6 @@
       -> truncate: at most max_len tokens once the image placeholder is expanded
       -> image: RGB, resized (pretrain) or padded (finetune) to a square by florence_encoder.preprocess
       -> collate: right padding into (B, T) tensors; the -200 placeholder stays for the model to splice
-    ResumableSampler: a deterministic distributed sampler that restarts mid-epoch exactly.
 
 The synthetic task that the default training run uses lives in synthetic.py.
 """
@@ -17,7 +16,7 @@ import sys
 import warnings
 from array import array
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import tokenizers
@@ -465,6 +464,18 @@ class LLaVADataset(ConversationDataset):
 # ----------------------------------------------------------------------------------------------
 # Batching
 
+def right_pad(rows: list, value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ids (lists or 1-D tensors) -> (B, T) long tensor right-padded with value, and the (B, T) long
+    mask of the real entries. T = the longest row (0 for no rows)."""
+    T = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), T), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return out, mask
+
+
 def collate(batch: list[dict | None], pad_id: int) -> dict:
     """Right-pads items into a batch; dropped items (None) are left out.
 
@@ -473,90 +484,13 @@ def collate(batch: list[dict | None], pad_id: int) -> dict:
     for the M items that have an image in batch order (None when M = 0), has_image (B,) bool, ids.
     A batch whose items were all dropped has B = 0."""
     batch = [item for item in batch if item is not None]
-    B = len(batch)
-    T = max((len(item['input_ids']) for item in batch), default=0)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((B, T), dtype=torch.long)
-    for row, item in enumerate(batch):
-        n = len(item['input_ids'])
-        input_ids[row, :n] = item['input_ids']
-        labels[row, :n] = item['labels']
-        attention_mask[row, :n] = 1
+    input_ids, attention_mask = right_pad([item['input_ids'] for item in batch], pad_id)
+    labels, _ = right_pad([item['labels'] for item in batch], IGNORE_INDEX)
     images = [item['pixel_values'] for item in batch if item['has_image']]
     return {'input_ids': input_ids, 'labels': labels, 'attention_mask': attention_mask,
             'pixel_values': torch.stack(images) if images else None,
             'has_image': torch.tensor([item['has_image'] for item in batch], dtype=torch.bool),
             'ids': [item['id'] for item in batch]}
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling
-
-class ResumableSampler(torch.utils.data.Sampler):
-    """Deterministic distributed sampler that can restart in the middle of an epoch.
-
-    Epoch e uses randperm(n) from seed + e (as torch's DistributedSampler), padded with its own first
-    indices (or trimmed, drop_last) to a multiple of num_replicas; rank r takes every
-    num_replicas-th index starting at r. `position` counts samples consumed in this epoch over all
-    ranks: iteration starts there, so a run restored from state_dict() continues with exactly the
-    indices it would have seen.
-
-    The sampler cannot count consumption itself (DataLoader workers prefetch ahead of the training
-    step): the training loop calls advance(samples_per_rank) after each step it completes."""
-
-    def __init__(self, dataset_or_len, num_replicas: int | None = None, rank: int | None = None,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = False):
-        self.n = dataset_or_len if isinstance(dataset_or_len, int) else len(dataset_or_len)
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.num_replicas = num_replicas if num_replicas is not None else (
-            torch.distributed.get_world_size() if distributed else 1)
-        self.rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
-        if not 0 <= self.rank < self.num_replicas:
-            raise ValueError(f'rank {self.rank} outside [0, {self.num_replicas})')
-        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
-        self.epoch, self.position = 0, 0
-        if drop_last and self.n < self.num_replicas:
-            raise ValueError(f'{self.n} samples cannot fill {self.num_replicas} ranks with drop_last')
-
-    def epoch_indices(self) -> list[int]:
-        """All ranks' indices of this epoch, interleaved: rank r takes [r::num_replicas]."""
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            indices = torch.randperm(self.n, generator=g).tolist()
-        else:
-            indices = list(range(self.n))
-        if self.drop_last:
-            return indices[:self.n - self.n % self.num_replicas]
-        pad = -self.n % self.num_replicas
-        return indices + (indices * (pad // max(self.n, 1) + 1))[:pad]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.epoch_indices()[self.position + self.rank::self.num_replicas])
-
-    def __len__(self) -> int:
-        R = self.num_replicas
-        total = self.n - self.n % R if self.drop_last else -(-self.n // R) * R  # = len(epoch_indices())
-        return len(range(self.position + self.rank, total, R))
-
-    def set_epoch(self, epoch: int) -> None:
-        # A new epoch starts at its beginning; setting the current epoch again (right after
-        # load_state_dict) keeps the restored position.
-        if epoch != self.epoch:
-            self.epoch, self.position = epoch, 0
-
-    def advance(self, samples_per_rank: int) -> None:
-        """Marks samples_per_rank more samples as consumed on every rank."""
-        self.position += samples_per_rank * self.num_replicas
-
-    def state_dict(self) -> dict:
-        return {'seed': self.seed, 'epoch': self.epoch, 'position': self.position,
-                'num_replicas': self.num_replicas}
-
-    def load_state_dict(self, state: dict) -> None:
-        # position is global, so a run may resume on a different number of ranks and still see
-        # each remaining sample of this epoch; only the same number continues bit for bit.
-        self.seed, self.epoch, self.position = state['seed'], state['epoch'], state['position']
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ keys map one to one (florence_encoder.py holds the tables for Microsoft's origin
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -50,7 +50,7 @@ class DaViTConfig:
     def from_name(cls, name: str, **overrides) -> "DaViTConfig":
         if name not in DAVIT_PRESETS:
             raise ValueError(f"unknown DaViT preset {name!r}; known: {sorted(DAVIT_PRESETS)}")
-        return replace(DAVIT_PRESETS[name], **overrides)
+        return cls(**{**DAVIT_PRESETS[name], **overrides})
 
     def grid(self, height: int, width: int | None = None) -> tuple[int, int]:
         """The (h, w) token grid of the last stage for an input image of height x width."""
@@ -60,12 +60,12 @@ class DaViTConfig:
         return h, w
 
 
-DAVIT_PRESETS = {
-    "base": DaViTConfig(),                                            # Florence-2-base (facts, section 2)
-    "large": DaViTConfig(dims=(256, 512, 1024, 2048), heads=(8, 16, 32, 64), groups=(8, 16, 32, 64)),
+DAVIT_PRESETS = {  # keyword arguments of DaViTConfig, as every preset table in this project
+    "base": dict(),                                                   # Florence-2-base (facts, section 2)
+    "large": dict(dims=(256, 512, 1024, 2048), heads=(8, 16, 32, 64), groups=(8, 16, 32, 64)),
     # for tests and demos: 64x64 images give a 2x2 last grid, smaller than the window (so it is padded)
-    "tiny": DaViTConfig(dims=(16, 32, 48, 64), heads=(1, 2, 3, 4), groups=(1, 2, 3, 4), depths=(1, 1, 2, 1),
-                        window=3, drop_path_rate=0.0),
+    "tiny": dict(dims=(16, 32, 48, 64), heads=(1, 2, 3, 4), groups=(1, 2, 3, 4), depths=(1, 1, 2, 1), window=3,
+                 drop_path_rate=0.0),
 }
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from data import IMAGE_TOKEN, load_image, tokenize_prompt
+from data import IMAGE_TOKEN, load_image, right_pad, tokenize_prompt
 from florence_encoder import preprocess
 from sample import add_model_args, load_model
 
@@ -174,34 +174,32 @@ def synthetic_records(model, n: int, seed: int) -> list:
 
 # ---- generation ------------------------------------------------------------------------------------------
 @torch.no_grad()
-def answer_all(model, records, args, image_root=None) -> list:
-    """Greedy answers, args.batch_size questions at a time (right-padded prompts). Each prompt as the official
+def answer_all(model, records, batch_size: int = 16, max_new_tokens: int = 128, style: str = "official",
+               suffix: str = "", image_root=None, progress: bool = False) -> list:
+    """Greedy answers, batch_size questions at a time (right-padded prompts). Each prompt as the official
     evaluation builds it ("<image>\n" + question in the model's template); images turned upright (EXIF)."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     stop = set(model.cfg.llm.eos_token_ids) | set(model.tokenizer.end_ids)
     pad = model.cfg.image_aspect_ratio == "pad"
     predictions, t0 = [], time.time()
-    for s in range(0, len(records), args.batch_size):
-        chunk = records[s:s + args.batch_size]
+    for s in range(0, len(records), batch_size):
+        chunk = records[s:s + batch_size]
         prompts, images = [], []
         for r in chunk:
-            question = (r["question"] + " " + args.suffix).strip() if args.suffix else r["question"]
+            question = (r["question"] + " " + suffix).strip() if suffix else r["question"]
             has_image = r["image"] is not None
             prompts.append(tokenize_prompt([{"from": "human", "value": (IMAGE_TOKEN + "\n") * has_image + question}],
-                                           model.tokenizer, model.template, has_image, style=args.prompt_style))
+                                           model.tokenizer, model.template, has_image, style=style))
             if has_image:
                 image = r["image"] if isinstance(r["image"], Image.Image) else load_image(Path(image_root) / r["image"])
                 images.append(image.convert("RGB"))
-        ids = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(prompts):
-            ids[row, :len(p)], mask[row, :len(p)] = torch.tensor(p), 1
+        ids, mask = right_pad(prompts, 0)
         pixels = preprocess(images, pad_to_square=pad, size=model.cfg.vision.image_size).to(device, dtype) \
             if images else None
-        out = model.generate(ids.to(device), mask.to(device), pixels, max_new_tokens=args.max_new_tokens,
+        out = model.generate(ids.to(device), mask.to(device), pixels, max_new_tokens=max_new_tokens,
                              stop_ids=stop, vocab_limit=model.tokenizer.vocab_size)
         predictions += [model.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
-        if len(records) > args.batch_size:
+        if progress and len(records) > batch_size:
             done = len(predictions)
             print(f"{done}/{len(records)} questions, {done / (time.time() - t0):.2f} questions/s", file=sys.stderr)
     return predictions
@@ -269,7 +267,8 @@ def main(argv=None):
     t0 = time.time()
     records = synthetic_records(model, args.n, args.seed) if args.synthetic else read_records(args.data)[:args.limit]
     image_root = args.images or (Path(args.data).parent if args.data else None)
-    predictions = answer_all(model, records, args, image_root)
+    predictions = answer_all(model, records, args.batch_size, args.max_new_tokens, args.prompt_style, args.suffix,
+                             image_root, progress=True)
     summary = score(records, predictions)
     name = "synthetic" if args.synthetic else model_id(args.model)
     out = Path(args.out)

@@ -130,7 +130,10 @@ class FlorenceConfig:
     def from_name(cls, name: str, **overrides) -> "FlorenceConfig":
         if name not in FLORENCE_PRESETS:
             raise ValueError(f"unknown Florence-2 preset {name!r}; known: {sorted(FLORENCE_PRESETS)}")
-        return replace(FLORENCE_PRESETS[name](), **overrides)
+        kwargs = {**FLORENCE_PRESETS[name], **overrides}
+        if isinstance(kwargs["vision"], str):
+            kwargs["vision"] = DaViTConfig.from_name(kwargs["vision"])
+        return cls(**kwargs)
 
     @classmethod
     def from_hf_config(cls, config: dict) -> "FlorenceConfig":
@@ -187,14 +190,14 @@ class FlorenceConfig:
 
         stages = sorted({int(m.group(1)) for k in shapes if (m := re.match(r"vision_tower\.convs\.(\d+)\.", k))})
         dims = tuple(shape(f"vision_tower.convs.{i}.proj.weight")[0] for i in stages)
-        preset = next((name for name, make in FLORENCE_PRESETS.items() if make().vision.dims == dims), None)
+        preset = next((name for name in FLORENCE_PRESETS if cls.from_name(name).vision.dims == dims), None)
         if preset is None:
             raise ValueError(f"stage widths {dims} match no Florence-2 preset ({sorted(FLORENCE_PRESETS)}): the "
                              "head counts cannot be read from the weights; give the tower's config.json")
         depths = tuple(len({m.group(1) for k in shapes if (m := re.match(rf"vision_tower\.blocks\.{i}\.(\d+)\.", k))})
                        for i in stages)
         layers = {int(m.group(1)) for k in shapes if (m := re.match(r"language_model\.model\.encoder\.layers\.(\d+)\.", k))}
-        base = FLORENCE_PRESETS[preset]()
+        base = cls.from_name(preset)
         vision = replace(base.vision, depths=depths,
                          patch_size=tuple(shape(f"vision_tower.convs.{i}.proj.weight")[-1] for i in stages))
         return replace(base, vision=vision, d_model=shape("image_projection")[1], encoder_layers=len(layers),
@@ -207,15 +210,14 @@ class FlorenceConfig:
                        image_size=768)
 
 
-FLORENCE_PRESETS = {   # factories, so that each call gets its own DaViTConfig
+FLORENCE_PRESETS = {  # keyword arguments of FlorenceConfig; vision: a DAVIT_PRESETS name
     # base: max_position_embeddings 1024 is BART's default (not checked against the hub config); loading
     # always reads the checkpoint's config.json, so a preset only matters for random init
-    "base": lambda: FlorenceConfig(DaViTConfig.from_name("base")),
-    "large": lambda: FlorenceConfig(DaViTConfig.from_name("large"), d_model=1024, encoder_layers=12,
-                                    encoder_heads=16, encoder_ffn_dim=4096, max_position_embeddings=4096),
-    "tiny": lambda: FlorenceConfig(DaViTConfig.from_name("tiny"), d_model=32, encoder_layers=2, encoder_heads=2,
-                                   encoder_ffn_dim=64, max_position_embeddings=64, image_size=64,
-                                   dropout=0.0, attention_dropout=0.0, activation_dropout=0.0),
+    "base": dict(vision="base"),
+    "large": dict(vision="large", d_model=1024, encoder_layers=12, encoder_heads=16, encoder_ffn_dim=4096,
+                  max_position_embeddings=4096),
+    "tiny": dict(vision="tiny", d_model=32, encoder_layers=2, encoder_heads=2, encoder_ffn_dim=64,
+                 max_position_embeddings=64, image_size=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0),
 }
 
 
@@ -399,7 +401,7 @@ class FlorenceVision(nn.Module):
         LM head are skipped; any other missing, unexpected or misshaped key raises CheckpointError listing
         them. dtype: None = float32. Returned in eval mode."""
         layout = detect_layout(sd)
-        ours = {"original": from_original_state_dict, "native": from_native_state_dict, "ours": dict}[layout](sd)
+        ours = dict(sd) if layout == "ours" else to_ours(sd, cfg, layout)
         # a derived buffer: some checkpoints do not store it
         ours.setdefault("visual_temporal_embed", cosine_table(cfg.temporal_embed_size, cfg.vision.dims[-1]))
         with torch.device("meta"):                                   # no time spent on a random init
@@ -409,135 +411,88 @@ class FlorenceVision(nn.Module):
         model.load_state_dict({k: v.to(dtype).contiguous() for k, v in ours.items()}, strict=True, assign=True)
         return model.eval()
 
-    @staticmethod
-    def from_original_state_dict(sd: dict) -> dict:
-        return from_original_state_dict(sd)
-
-    @staticmethod
-    def from_native_state_dict(sd: dict) -> dict:
-        return from_native_state_dict(sd)
-
-    @staticmethod
-    def to_original_state_dict(ours: dict) -> dict:
-        return to_original_state_dict(ours)
-
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoint names. Our names are transformers' native ones without the wrappers, so most of a key
-# maps by prefix. Rows ending in "." are prefixes, the others whole keys; the first matching row wins.
+# Checkpoint names: one table, every key spelled out (as model.py's hf_layout), read in both directions.
+# Our names are transformers' native ones without its wrappers; Microsoft's original names carry the
+# remote code's PreNorm / Residual wrappers inside DaViT ("fn", "dw", "net").
 
-#  ours                           Microsoft original                         transformers native
-KEY_TABLE = [
-    ("vision_tower.",                "vision_tower.",                           "model.vision_tower."),
-    ("image_pos_embed.",             "image_pos_embed.",                        "model.multi_modal_projector.image_position_embed."),
-    ("visual_temporal_embed",        "visual_temporal_embed.pos_idx_to_embed",  "model.multi_modal_projector.visual_temporal_embed.pos_idx_to_embed"),
-    ("image_projection.weight",      "image_projection",                        "model.multi_modal_projector.image_projection.weight"),
-    ("image_proj_norm.",             "image_proj_norm.",                        "model.multi_modal_projector.image_proj_norm."),
-    ("encoder.embed_tokens.weight",  "language_model.model.shared.weight",      "model.language_model.shared.weight"),
-    ("encoder.",                     "language_model.model.encoder.",           "model.language_model.encoder."),
-]
+def florence_layout(cfg: FlorenceConfig) -> dict[str, tuple[str, str]]:
+    """our tensor -> (its Microsoft original name, its transformers-native name)."""
+    table, proj, lm = {}, "model.multi_modal_projector.", ("language_model.model.", "model.language_model.")
+    for i, depth in enumerate(cfg.vision.depths):
+        for p in ("weight", "bias"):
+            for ours, original in ((f"convs.{i}.conv", f"convs.{i}.proj"), (f"convs.{i}.norm", f"convs.{i}.norm")):
+                table[f"vision_tower.{ours}.{p}"] = (f"vision_tower.{original}.{p}", f"model.vision_tower.{ours}.{p}")
+        for b in range(depth):
+            for kind, attn in (("spatial", "window_attn"), ("channel", "channel_attn")):
+                block = f"vision_tower.blocks.{i}.{b}.{kind}_block."
+                for ours, original in (("conv1", "conv1.fn.dw"), ("norm1", f"{attn}.norm"),
+                                       (f"{attn}.qkv", f"{attn}.fn.qkv"), (f"{attn}.proj", f"{attn}.fn.proj"),
+                                       ("conv2", "conv2.fn.dw"), ("norm2", "ffn.norm"),
+                                       ("ffn.fc1", "ffn.fn.net.fc1"), ("ffn.fc2", "ffn.fn.net.fc2")):
+                    for p in ("weight", "bias"):
+                        table[f"{block}{ours}.{p}"] = (f"{block}{original}.{p}", f"model.{block}{ours}.{p}")
+    for name in ("row_embeddings", "column_embeddings"):
+        table[f"image_pos_embed.{name}.weight"] = (f"image_pos_embed.{name}.weight",
+                                                    f"{proj}image_position_embed.{name}.weight")
+    table["visual_temporal_embed"] = ("visual_temporal_embed.pos_idx_to_embed",
+                                      f"{proj}visual_temporal_embed.pos_idx_to_embed")
+    table["image_projection.weight"] = ("image_projection", f"{proj}image_projection.weight")  # see TRANSPOSED
+    for p in ("weight", "bias"):
+        table[f"image_proj_norm.{p}"] = (f"image_proj_norm.{p}", f"{proj}image_proj_norm.{p}")
+    table["encoder.embed_tokens.weight"] = (f"{lm[0]}shared.weight", f"{lm[1]}shared.weight")
+    parts = ["embed_positions.weight"] + [f"layernorm_embedding.{p}" for p in ("weight", "bias")] + [
+        f"layers.{n}.{part}.{p}" for n in range(cfg.encoder_layers) for part in (
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "self_attn_layer_norm",
+            "fc1", "fc2", "final_layer_norm") for p in ("weight", "bias")]
+    for part in parts:
+        table[f"encoder.{part}"] = (f"{lm[0]}encoder.{part}", f"{lm[1]}encoder.{part}")
+    return table
+
+
+LAYOUTS = ("original", "native")
 # The original image_projection is a bare (in, out) matrix used as x @ W; ours is nn.Linear's (out, in).
 TRANSPOSED_IN_ORIGINAL = {"image_projection.weight"}
-# Copies of `shared` that checkpoints may or may not hold; used only when `shared` itself is absent.
-TIED = {"original": "language_model.model.encoder.embed_tokens.weight",
-        "native": "model.language_model.encoder.embed_tokens.weight"}
-# Florence-2's decoder and LM head are not part of the tower: skipped by prefix.
-SKIPPED = {"original": ("language_model.model.decoder.", "language_model.lm_head.", "language_model.final_logits_bias"),
-           "native": ("model.language_model.decoder.", "lm_head.")}
-
-# Inside DaViT the original names carry the PreNorm / Residual wrappers of the remote code.
-#  ours (= native)   Microsoft original            ({a}: window_attn in spatial blocks, channel_attn in channel blocks)
-SUBBLOCK_TABLE = [
-    ("conv1",          "conv1.fn.dw"),
-    ("norm1",          "{a}.norm"),
-    ("{a}.qkv",        "{a}.fn.qkv"),
-    ("{a}.proj",       "{a}.fn.proj"),
-    ("conv2",          "conv2.fn.dw"),
-    ("norm2",          "ffn.norm"),
-    ("ffn.fc1",        "ffn.fn.net.fc1"),
-    ("ffn.fc2",        "ffn.fn.net.fc2"),
-]
-PATCH_EMBED_TABLE = [("conv", "proj"), ("norm", "norm")]
-
-_SUBBLOCK_KEY = re.compile(r"^(vision_tower\.blocks\.\d+\.\d+\.(spatial|channel)_block\.)(.+)\.(weight|bias)$")
-_PATCH_KEY = re.compile(r"^(vision_tower\.convs\.\d+\.)(\w+)\.(weight|bias)$")
+# What checkpoints hold beyond the table: Florence-2's decoder and LM head (not part of the tower: skipped),
+# and a copy of the token table (`shared`) that some store too: used only when `shared` itself is absent.
+UNUSED = {"original": ("language_model.model.decoder.", "language_model.lm_head.", "language_model.final_logits_bias"),
+          "native": ("model.language_model.decoder.", "lm_head.")}
+TIED_COPY = {"original": "language_model.model.encoder.embed_tokens.weight",
+             "native": "model.language_model.encoder.embed_tokens.weight"}
 
 
-def _rename(key: str, src: int, dst: int):
-    """Map key from column src of KEY_TABLE to column dst; None if no row matches."""
-    for row in KEY_TABLE:
-        a, b = row[src], row[dst]
-        if a.endswith(".") and key.startswith(a):
-            return b + key[len(a):]
-        if key == a:
-            return b
-    return None
+def unused_original_key(key: str) -> bool:
+    """A key of a Florence-2 checkpoint (Microsoft names) that the tower does not use: the decoder and LM head."""
+    return key.startswith(UNUSED["original"])
 
 
-def _davit_key(key: str, to_original: bool) -> str:
-    """Rename the part of a vision_tower.* key inside a patch embedding or sub-block; others unchanged."""
-    if m := _SUBBLOCK_KEY.match(key):
-        attn = "window_attn" if m.group(2) == "spatial" else "channel_attn"
-        pairs = [(o.format(a=attn), t.format(a=attn)) for o, t in SUBBLOCK_TABLE]
-        table = dict(pairs) if to_original else {t: o for o, t in pairs}
-        if m.group(3) in table:
-            return f"{m.group(1)}{table[m.group(3)]}.{m.group(4)}"
-    elif m := _PATCH_KEY.match(key):
-        table = dict(PATCH_EMBED_TABLE) if to_original else {t: o for o, t in PATCH_EMBED_TABLE}
-        if m.group(2) in table:
-            return f"{m.group(1)}{table[m.group(2)]}.{m.group(3)}"
-    return key
-
-
-def _to_ours(sd: dict, layout: str) -> dict:
-    src = {"original": 1, "native": 2}[layout]
+def to_ours(sd: dict, cfg: FlorenceConfig, layout: str) -> dict:
+    """A Florence-2 state dict in the original or native layout -> our names. Keys outside the table that are
+    not known to be unused are kept as they are, so that the strict check reports them."""
+    column = LAYOUTS.index(layout)
+    ours_of = {names[column]: ours for ours, names in florence_layout(cfg).items()}
     out, tied = {}, None
     for k, v in sd.items():
-        if k.startswith(SKIPPED[layout]):
-            continue
-        if k == TIED[layout]:
+        if k in ours_of:
+            name = ours_of[k]
+            out[name] = v.t() if layout == "original" and name in TRANSPOSED_IN_ORIGINAL else v
+        elif k == TIED_COPY[layout]:
             tied = v
-            continue
-        name = _rename(k, src, 0)
-        if name is None:            # unknown: kept as is, so that the strict check reports it
+        elif not k.startswith(UNUSED[layout]):
             out[k] = v
-            continue
-        if layout == "original" and name.startswith("vision_tower."):
-            name = _davit_key(name, to_original=False)
-        if layout == "original" and name in TRANSPOSED_IN_ORIGINAL:
-            v = v.t()
-        out[name] = v
     if "encoder.embed_tokens.weight" not in out and tied is not None:
         out["encoder.embed_tokens.weight"] = tied
     return out
 
 
-def unused_original_key(key: str) -> bool:
-    """A key of a Florence-2 checkpoint (Microsoft names) that the tower does not use: the decoder and LM head."""
-    return key.startswith(SKIPPED["original"])
-
-
-def from_original_state_dict(sd: dict) -> dict:
-    """Microsoft original names (microsoft/Florence-2-*, a Florence-VL tower) -> our names."""
-    return _to_ours(sd, "original")
-
-
-def from_native_state_dict(sd: dict) -> dict:
-    """transformers-native names (florence-community/Florence-2-*) -> our names."""
-    return _to_ours(sd, "native")
-
-
-def to_original_state_dict(ours: dict) -> dict:
+def to_original_state_dict(ours: dict, cfg: FlorenceConfig) -> dict:
     """Our names -> Microsoft original names (the tower only: no decoder, no LM head)."""
-    out = {}
-    for k, v in ours.items():
-        name = _rename(k, 0, 1)
-        if name is None:
-            raise ckpt.CheckpointError(f"{k!r} is not a FlorenceVision key")
-        if k.startswith("vision_tower."):
-            name = _davit_key(k, to_original=True)
-        out[name] = v.t().contiguous() if k in TRANSPOSED_IN_ORIGINAL else v
-    return out
+    table = florence_layout(cfg)
+    unknown = sorted(set(ours) - set(table))
+    if unknown:
+        raise ckpt.CheckpointError(f"not FlorenceVision keys of this config: {unknown[:5]}")
+    return {table[k][0]: v.t().contiguous() if k in TRANSPOSED_IN_ORIGINAL else v for k, v in ours.items()}
 
 
 def detect_layout(sd: dict) -> str:

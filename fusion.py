@@ -26,6 +26,7 @@ from checkpoint import (CheckpointError, check_state_dict, read_config, read_wei
 from florence_encoder import FlorenceConfig, FlorenceVision, prompt_ids, to_original_state_dict, unused_original_key
 from generate import generate
 from model import LLM, LLMConfig, add_generation_eos, stored_dtype
+from lora import ADAPTER_CONFIG, LoRALinear, load_adapter_
 from quantize import Int8Linear
 from tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
@@ -51,17 +52,21 @@ class FlorenceVLConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "FlorenceVLConfig":
-        presets = {
-            "florence-vl-3b": ("large", "phi3.5-mini"),
-            "florence-vl-8b": ("large", "llama3.1-8b"),
-            "tiny": ("tiny", "tiny"),
-        }
-        if name not in presets:
-            raise ValueError(f"unknown Florence-VL preset {name!r}; known: {sorted(presets)}")
-        vision, llm = presets[name]
-        # the tiny LLM speaks the phi3 template (the synthetic tokenizer's special tokens), so it is a Phi-3
-        llm_cfg = LLMConfig.from_name(llm, family="phi3") if name == "tiny" else LLMConfig.from_name(llm)
-        return cls(vision=FlorenceConfig.from_name(vision), llm=llm_cfg, **overrides)
+        if name not in FLORENCE_VL_PRESETS:
+            raise ValueError(f"unknown Florence-VL preset {name!r}; known: {sorted(FLORENCE_VL_PRESETS)}")
+        kwargs = {**FLORENCE_VL_PRESETS[name], **overrides}
+        if isinstance(kwargs["vision"], str):
+            kwargs["vision"] = FlorenceConfig.from_name(kwargs["vision"])
+        if isinstance(kwargs["llm"], str):
+            kwargs["llm"] = LLMConfig.from_name(kwargs["llm"])
+        return cls(**kwargs)
+
+
+FLORENCE_VL_PRESETS = {  # keyword arguments of FlorenceVLConfig; vision / llm: preset names of their configs
+    "florence-vl-3b": dict(vision="large", llm="phi3.5-mini"),
+    "florence-vl-8b": dict(vision="large", llm="llama3.1-8b"),
+    "tiny": dict(vision="tiny", llm="tiny-phi3"),  # Phi-3's layout: it speaks the phi3 template
+}
 
 
 class DBFusion(nn.Module):
@@ -125,7 +130,6 @@ class Output:
     logits: torch.Tensor | None = None   # (B, T, vocab), only when no labels are given
     loss: torch.Tensor | None = None     # mean cross-entropy over the supervised tokens
     loss_sum: torch.Tensor | None = None  # its sum, for normalising across micro-steps and ranks
-    n_tokens: int = 0                    # the number of supervised tokens
 
 
 class FlorenceVL(nn.Module):
@@ -223,13 +227,16 @@ class FlorenceVL(nn.Module):
         embeds, mask, labels = self.prepare_inputs(input_ids, attention_mask, pixel_values, labels)
         if labels is None:
             return Output(logits=self.llm(inputs_embeds=embeds, attention_mask=mask))
+        loss_sum, n = self.supervised_loss(embeds, mask, labels)
+        return Output(loss=loss_sum / max(n, 1), loss_sum=loss_sum)
+
+    def supervised_loss(self, embeds, mask, labels) -> tuple[torch.Tensor, int]:
+        """(sum of the shifted cross-entropy over the supervised tokens, their number) for spliced inputs."""
         hidden = self.llm(inputs_embeds=embeds, attention_mask=mask, return_hidden=True)  # (B, T, H)
         targets = labels[:, 1:]
         supervised = targets != IGNORE_INDEX
         logits = self.llm.lm_head(hidden[:, :-1][supervised])  # (n, vocab)
-        loss_sum = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
-        n = int(supervised.sum())
-        return Output(loss=loss_sum / max(n, 1), loss_sum=loss_sum, n_tokens=n)
+        return F.cross_entropy(logits.float(), targets[supervised], reduction="sum"), int(supervised.sum())
 
     @torch.no_grad()
     def prompt_inputs(self, input_ids, attention_mask=None, pixel_values=None):
@@ -260,7 +267,13 @@ class FlorenceVL(nn.Module):
         self.requires_grad_(True)
         if stage == "finetune":
             self.vision.requires_grad_(False)
-        self.stage = stage
+        return self
+
+    def set_activation_checkpointing(self, on: bool = True):
+        """Recompute in backward, instead of keeping, the activations of each LLM block, DaViT block and
+        encoder layer (the tower's dominate a stage-1 step at 768 px)."""
+        self.llm.grad_checkpointing = self.vision.vision_tower.grad_checkpointing = on
+        self.vision.encoder.grad_checkpointing = on
         return self
 
     def train(self, mode: bool = True):
@@ -277,15 +290,16 @@ class FlorenceVL(nn.Module):
         part = lambda prefix: {k.removeprefix(prefix): v for k, v in ours.items() if k.startswith(prefix)}
         sd = dict(self.llm.hf_state_dict(part("llm.")))
         sd.update({PROJECTOR_PREFIX + k: v for k, v in part("mm_projector.").items()})
-        sd.update({TOWER_PREFIX + k: v for k, v in to_original_state_dict(part("vision.")).items()})
+        sd.update({TOWER_PREFIX + k: v for k, v in to_original_state_dict(part("vision."), self.cfg.vision).items()})
         return sd
 
     def save_pretrained(self, folder, state_dict: dict | None = None, max_shard_bytes: int = 5 * 10**9):
         """config.json (LLaVA fields + the LLM's), model.safetensors (or, past max_shard_bytes, shards and
         model.safetensors.index.json, as the hub layout), vision_tower/config.json (Florence-2's own, original
         spelling) and the tokenizer. Each file is written atomically, one tensor at a time."""
-        if any(isinstance(m, Int8Linear) for m in self.llm.modules()):
-            raise ValueError("a model loaded with --quantize int8 is for inference: save the model loaded without it")
+        if any(isinstance(m, (Int8Linear, LoRALinear)) for m in self.llm.modules()):
+            raise ValueError("an int8 or LoRA-wrapped LLM is not saved in the official layout: save the model loaded "
+                             "without --quantize, or merge the LoRA adapter first (lora.merge_lora_)")
         folder = Path(folder)
         (folder / "vision_tower").mkdir(parents=True, exist_ok=True)
         _write_json(folder / "vision_tower" / "config.json", florence_config_json(self.cfg.vision))
@@ -310,6 +324,8 @@ class FlorenceVL(nn.Module):
         The LLM is filled tensor by tensor (no second copy); quantize='int8' makes its Linears int8 as they
         are read (quantize.py). dtype None: as config.json says it is stored."""
         folder = resolve(path_or_repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
+        if (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file():
+            return cls._from_adapter(folder, dtype, tower, quantize)
         hf = read_config(folder)
         if "mm_projector_type" not in hf:
             raise CheckpointError(f"{folder}/config.json has no mm_projector_type: not a Florence-VL (LLaVA) checkpoint")
@@ -362,6 +378,16 @@ class FlorenceVL(nn.Module):
         check_state_dict(shapes(model.mm_projector.state_dict()), shapes(projector_sd), f"{folder} (mm_projector)")
         model.mm_projector.load_state_dict(projector_sd)
         model.tower_note = tower_note
+        return model.eval()
+
+    @classmethod
+    def _from_adapter(cls, folder: Path, dtype, tower, quantize) -> "FlorenceVL":
+        """A LoRA run's adapter folder (lora.py): its base model, wrapped and filled as the adapter says."""
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+        model = cls.from_pretrained(config["base_model"], dtype=dtype, tower=tower, quantize=quantize)
+        load_adapter_(model, folder)
+        model.template = config.get("template") or model.template
+        model.tower_note = f"{model.tower_note}; LoRA adapter {folder}"
         return model.eval()
 
     @classmethod

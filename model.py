@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from checkpoint import (StoredTensor, check_state_dict, read_config, release_freed_memory, resolve, stream_tensors,
                         weight_files)
@@ -143,6 +144,7 @@ class LLMConfig:
 
 PRESETS = {
     'tiny': dict(family='llama'),  # the dataclass defaults: 2 layers, 64 wide, for tests and the demo
+    'tiny-phi3': dict(family='phi3'),  # the same in Phi-3's checkpoint layout (the tiny Florence-VL's LLM)
     'llama3.1-8b': dict(  # meta-llama/Llama-3.1-8B-Instruct
         family='llama', vocab_size=128256, hidden_size=4096, intermediate_size=14336, n_layers=32,
         n_heads=32, n_kv_heads=8, rms_norm_eps=1e-5, max_position_embeddings=131072,
@@ -309,16 +311,25 @@ class KVCache(nn.Module):
         self.register_buffer('valid', torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
                              persistent=False)
         self.register_buffer('next_pos', torch.zeros(batch_size, dtype=torch.long, device=device), persistent=False)
-        self.length = 0         # slots filled so far
+        # the next slot as a tensor, for LLM.decode_step: its writes are then the same kernels every step
+        self.register_buffer('slot', torch.zeros(1, dtype=torch.long, device=device), persistent=False)
+        self.length = 0         # slots filled so far by forward (the prefill)
         self.padded = False     # some slot so far is padding: attention needs an explicit mask
         self.long_rope = False  # the cached keys were rotated with LongRoPE's long factors
 
     def reset(self):
         self.valid.zero_()
         self.next_pos.zero_()
+        self.slot.zero_()
         self.length, self.padded, self.long_rope = 0, False, False
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, start, k: torch.Tensor, v: torch.Tensor):
+        """Write this call's keys / values from slot `start` on; return every slot the queries may read:
+        up to the last one written (forward), or, for a tensor `start` (decode_step), all of them."""
+        if torch.is_tensor(start):
+            self.k[layer].index_copy_(2, start, k)
+            self.v[layer].index_copy_(2, start, v)
+            return self.k[layer], self.v[layer]
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
@@ -336,6 +347,7 @@ class LLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(cfg)
+        self.grad_checkpointing = False  # recompute each block in backward (training memory)
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
                 cache: KVCache | None = None, return_hidden: bool = False) -> torch.Tensor:
@@ -363,13 +375,34 @@ class LLM(nn.Module):
         cos, sin = self.rotary(position_ids, x.dtype, long)  # (B or 1, T, rotary_dim)
         mask, is_causal = self._attention_mask(valid, B, T, start, cache, x.device)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, mask, is_causal, cache, i, start)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, mask, is_causal, cache, i, start, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, is_causal, cache, i, start)
         if cache is not None:
             cache.length = start + T
+            cache.slot.fill_(start + T)
             cache.next_pos.add_(T if valid is None else valid.sum(1))
             cache.long_rope = long
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
+
+    def decode_step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new token per sample, after a prefill (forward with the cache): token (B,) -> logits (B, vocab).
+
+        Fixed shapes and no host sync: the keys and values go to slot cache.slot (a tensor), every query
+        reads all cache slots under cache.valid, the rotary factors are the ones the cache was filled with
+        (cache.long_rope). So one compiled graph serves every step (torch.compile; CUDA graphs with
+        mode='reduce-overhead'). The same arithmetic as forward's one-token step: masked slots weigh 0."""
+        x = self.embed_tokens(token[:, None])                        # (B, 1, H)
+        cos, sin = self.rotary(cache.next_pos[:, None], x.dtype, cache.long_rope)
+        cache.valid.index_fill_(1, cache.slot, True)
+        mask = cache.valid[:, None, None, :]                         # (B, 1, 1, slots)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, mask, False, cache, i, cache.slot)
+        cache.next_pos.add_(1)
+        cache.slot.add_(1)
+        return self.lm_head(self.norm(x))[:, -1]
 
     @staticmethod
     def _attention_mask(valid, B, T, start, cache, device):

@@ -206,12 +206,7 @@ class SyntheticSample:
     scene: Scene
     conversations: list[dict]  # LLaVA form: [{'from': 'human', 'value': '<image>\n...'}, {'from': 'gpt', ...}]
     kinds: list[str]           # question kind per human turn
-    answers: list[str]         # reference answer per gpt turn, for exact_match
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    """Answers are short canonical strings; only surrounding whitespace is forgiven."""
-    return prediction.strip() == reference.strip()
+    answers: list[str]         # reference answer per gpt turn, for eval.exact_match
 
 
 class SyntheticDataset(ConversationDataset):

@@ -13,6 +13,11 @@ ranks), so N GPUs x 1 micro-step and 1 GPU x N micro-steps give the same gradien
 written atomically (model in the official layout + optimiser, data position and RNG states);
 `--resume auto` continues from the latest one, exactly.
 
+The recipe is one TrainConfig. Its defaults come from a preset: `synthetic` (the embedded task, when no
+--data is given) or `llava` (the official recipe's, with --data); a flag overrides either. What is
+particular to the synthetic task (its tiny model, stage 0, the held-out score) is its task object
+(train_synthetic.py); with --data the task is LLaVATask below, which adds nothing to the stages.
+
 Faults: a sample that cannot be read (DataError: bad record, bad image) is skipped and counted in the
 log (`--strict`: the run stops naming it). A step with a non-finite loss or gradient norm is not
 applied: the run stops naming the step and the sample ids (`--skip-nonfinite N`: up to N such steps
@@ -22,27 +27,30 @@ exactly. A second signal stops at once. Impossible settings are rejected before 
 """
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
-import sys
-import os
 import signal
+import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import DataError, LLaVADataset, ResumableSampler, collate
-from synthetic import PAD_TOKEN, SyntheticDataset, exact_match, synthetic_tokenizer
-from fusion import IGNORE_INDEX, FlorenceVL, FlorenceVLConfig
-from train_checkpoint import (STAGES, barrier, checkpoint_name, find_checkpoint, full_model_state, is_sharded,
+from data import PROMPT_STYLES, DataError, LLaVADataset, collate
+from fusion import IGNORE_INDEX, FlorenceVL
+from lora import TARGETS, add_lora_, is_lora, merge_lora_, save_adapter, set_trainable_, trainable_summary
+from schedule import lr_at
+from synthetic import PAD_TOKEN
+from train_checkpoint import (STAGES, checkpoint_name, find_checkpoint, full_model_state, is_sharded,
                               load_checkpoint, save_checkpoint, unwrap)
-from train_dist import (STOP, Interrupted, all_sum, install_signal_handlers, replicate, setup_distributed,
-                        sync_table_rows)
-from train_vision import train_vision_stage
+from train_dist import (STOP, Dist, Interrupted, ResumableSampler, choose_threads, install_signal_handlers,
+                        replicate, setup_distributed, sync_table_rows)
+from train_synthetic import SyntheticTask, tiny_model
 
 
 # DaViT's depthwise conv weights are (C, 1, 3, 3): their grads come back with stride 1 on the size-1 dim
@@ -50,98 +58,184 @@ from train_vision import train_vision_stage
 warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 
-def parse_args(argv=None):
+# ---- the recipe ----------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = "tiny"              # 'tiny' (the embedded default, random init) or a Florence-VL checkpoint
+    florence: str | None = None      # build from parts: a Florence-2 checkpoint (with llm) + a fresh projector
+    llm: str | None = None
+    stage: str = "both"              # pretrain | finetune | both
+    # data
+    data: str | None = None          # a LLaVA JSON/JSONL file; None: the embedded synthetic task
+    images: str = "."
+    max_len: int = 2048
+    prompt_style: str = "official"
+    # optimisation: AdamW, linear warm-up then cosine decay, as the official recipe
+    global_batch: int = 32
+    micro_batch: int = 16
+    lr: float = 2e-3
+    tower_lr_scale: float = 0.1      # the tower's lr as a share of lr when it trains (pretrain)
+    warmup: float = 0.03
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    epochs: float = 1.0
+    steps: int | None = None         # optimiser steps per stage (overrides epochs)
+    seed: int = 0
+    # system
+    out: str = "runs/default"
+    resume: str = "auto"
+    save_every: int = 100
+    keep: int = 2
+    dtype: str = "auto"              # autocast: bf16 on CUDA, fp32 on CPU
+    threads: int | None = None       # per rank; None: the usable cores shared out over the local ranks
+    compile: bool = False
+    activation_checkpointing: bool = False
+    fsdp: bool = False
+    log_every: int = 10
+    # faults
+    strict: bool = False
+    skip_nonfinite: int = 0
+    # LoRA for --stage finetune (lora.py): the LLM's base weights frozen, low-rank updates and the projector train
+    lora: int = 0                    # the rank r; 0: full training
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: tuple = TARGETS
+    quantize: str | None = None      # int8: the frozen base LLM held as int8 (with --lora only)
+    merge: bool = False              # also write the merged model (official layout) next to the adapter
+    # the synthetic task only (train_synthetic.py)
+    synthetic_size: tuple = (19200, 57600)
+    vision_steps: int = 400
+    text_only: bool = False
+    eval_samples: int = 300
+
+
+PRESETS = {
+    # the embedded task: the dataclass defaults. A full-lr tower let the untrained LLM's first gradients
+    # undo stage 0 (loss 0.26 vs 0.0009), hence 0.1 there
+    "synthetic": dict(),
+    # the official recipe: from a pretrained Florence-2 the tower trains at the full lr; --data is
+    # instruction data unless --stage says otherwise
+    "llava": dict(stage="finetune", lr=1e-5, tower_lr_scale=1.0),
+}
+
+HELP = {
+    "model": "'tiny' (the embedded default, random init) or a Florence-VL checkpoint folder / hub id",
+    "florence": "build from parts: a Florence-2 checkpoint (with --llm) + a fresh projector",
+    "llm": "build from parts: a Llama-3.1 / Phi-3.5 checkpoint (with --florence)",
+    "stage": "pretrain: everything trains, plain template, images resized to square; finetune: the tower is "
+             "frozen, chat template, images padded to square; both: one after the other",
+    "data": "a LLaVA JSON/JSONL file (default: the embedded synthetic task)",
+    "images": "root folder of the images that --data names",
+    "max_len": "max sequence length, visual tokens included",
+    "prompt_style": "official: the ids the released models were trained on (data.py); clean: one BOS, <image> "
+                    "left where the record has it",
+    "global_batch": "samples per optimiser step over all ranks",
+    "micro_batch": "samples per forward/backward on one rank",
+    "lr": "peak learning rate",
+    "tower_lr_scale": "the vision tower's lr as a share of --lr when it trains (pretrain)",
+    "warmup": "warm-up share of the steps",
+    "weight_decay": "AdamW's weight decay",
+    "clip": "gradient-norm clipping",
+    "epochs": "passes over the data per stage",
+    "seed": "initial weights, data order and the synthetic data",
+    "log_every": "optimiser steps between log lines",
+    "steps": "optimiser steps per stage (overrides --epochs)",
+    "out": "checkpoints, logs and the loss curve go here",
+    "resume": "'auto' (the latest checkpoint in --out), 'none', or a folder",
+    "save_every": "optimiser steps between checkpoints",
+    "keep": "how many step checkpoints to keep",
+    "dtype": "autocast dtype: auto = bf16 on CUDA, fp32 on CPU",
+    "threads": "intra-op threads per rank (default: the usable cores / the ranks on this machine; "
+               "OMP_NUM_THREADS is not used, see the log line)",
+    "compile": "torch.compile each LLM block",
+    "activation_checkpointing": "recompute each LLM block, DaViT block and encoder layer in backward",
+    "fsdp": "shard with FSDP2 (fully_shard per block) instead of DDP",
+    "strict": "stop at the first sample that cannot be read (default: skip it and count it in the log)",
+    "skip_nonfinite": "skip up to N steps with a non-finite loss or gradient (default 0: stop at the first)",
+    "lora": "LoRA rank r for --stage finetune: the LLM's base weights frozen (bf16 on a GPU), a low-rank update "
+            "trained beside each Linear, the projector trained fully, the tower frozen (default 0: full training)",
+    "lora_alpha": "LoRA scale alpha: the update is alpha / r * B A",
+    "lora_targets": "the LLM block Linears that get LoRA (default all: qkv_proj o_proj gate_up_proj down_proj)",
+    "quantize": "with --lora: hold the frozen base LLM as int8 (quantize.py; QLoRA-style)",
+    "merge": "with --lora: also write the merged model (official layout) to --out/merged",
+    "synthetic_size": "synthetic task: training samples, one N for both stages or pretrain and finetune (600 and "
+                      "1800 steps by default: the finetune questions take longer to learn)",
+    "vision_steps": "synthetic task: steps of stage 0, where the random tiny tower first learns to name what "
+                    "each grid cell holds (a stand-in for Florence-2's own pretraining; 0: skip it)",
+    "text_only": "synthetic task without the images: the text-only baseline a model must beat",
+    "eval_samples": "synthetic task: held-out questions scored at the end",
+}
+CHOICES = {"stage": ("pretrain", "finetune", "both"), "prompt_style": PROMPT_STYLES, "dtype": ("auto", "fp32", "bf16"),
+           "quantize": ("int8",)}
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """The command line -> TrainConfig: the preset's values (synthetic without --data, llava with it),
+    then every flag given."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("what to train")
-    g.add_argument("--model", default="tiny", help="'tiny' (the embedded default, random init) or a Florence-VL "
-                                                   "checkpoint folder / hub id")
-    g.add_argument("--florence", help="build from parts: a Florence-2 checkpoint (with --llm) + a fresh projector")
-    g.add_argument("--llm", help="build from parts: a Llama-3.1 / Phi-3.5 checkpoint (with --florence)")
-    g.add_argument("--stage", choices=["pretrain", "finetune", "both"],
-                   help="pretrain: everything trains, plain template, images resized to square; finetune: the "
-                        "tower is frozen, chat template, images padded to square. Default: both on the "
-                        "synthetic task, finetune on --data")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", help="a LLaVA JSON/JSONL file (default: the embedded synthetic task)")
-    g.add_argument("--images", default=".", help="root folder of the images that --data names")
-    g.add_argument("--max-len", type=int, default=2048, help="max sequence length, visual tokens included")
-    g.add_argument("--prompt-style", choices=["official", "clean"], default="official",
-                   help="official: the ids the released models were trained on (data.py); clean: one BOS, <image> "
-                        "left where the record has it")
-    g.add_argument("--synthetic-size", type=int, nargs="+", default=[19200, 57600], metavar="N",
-                   help="training samples of the synthetic task: one N for both stages, or pretrain and finetune "
-                        "(default 19200 57600: 600 and 1800 steps; the finetune questions take longer to learn)")
-    g.add_argument("--vision-steps", type=int, default=400,
-                   help="synthetic task only: steps of stage 0, where the random tiny tower first learns to name "
-                        "what each grid cell holds (a stand-in for Florence-2's own pretraining; 0: skip it)")
-    g.add_argument("--text-only", action="store_true", help="synthetic task without the images: the text-only "
-                                                             "baseline a model must beat")
-    g = p.add_argument_group("optimisation (AdamW, cosine with warm-up, as the official recipe)")
-    g.add_argument("--global-batch", type=int, default=32, help="samples per optimiser step over all ranks")
-    g.add_argument("--micro-batch", type=int, default=16, help="samples per forward/backward on one rank")
-    g.add_argument("--lr", type=float, help="peak learning rate (default: 1e-5, or 2e-3 on the synthetic task)")
-    g.add_argument("--tower-lr-scale", type=float, help="the vision tower's lr as a share of --lr when it trains "
-                   "(pretrain). Default: 1 with --data (the official recipe); 0.1 on the synthetic task, where a "
-                   "full-lr tower let the untrained LLM's first gradients undo stage 0 (loss 0.26 vs 0.0009)")
-    g.add_argument("--warmup", type=float, default=0.03, help="warm-up share of the steps")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
-    g.add_argument("--epochs", type=float, default=1.0)
-    g.add_argument("--steps", type=int, help="optimiser steps per stage (overrides --epochs)")
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("system")
-    g.add_argument("--out", default="runs/default", help="checkpoints, logs and the loss curve go here")
-    g.add_argument("--resume", default="auto", help="'auto' (the latest checkpoint in --out), 'none', or a folder")
-    g.add_argument("--save-every", type=int, default=100, help="optimiser steps between checkpoints")
-    g.add_argument("--keep", type=int, default=2, help="how many step checkpoints to keep")
-    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="autocast dtype: bf16 on CUDA, fp32 on CPU by default")
-    g.add_argument("--compile", action="store_true", help="torch.compile each LLM block")
-    g.add_argument("--activation-checkpointing", action="store_true", help="recompute each LLM block in backward")
-    g.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard per block) instead of DDP")
-    g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--eval-samples", type=int, default=300, help="held-out questions scored at the end (synthetic)")
-    g = p.add_argument_group("faults")
-    g.add_argument("--strict", action="store_true", help="stop at the first sample that cannot be read "
-                                                         "(default: skip it and count it in the log)")
-    g.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
-                   help="skip up to N steps with a non-finite loss or gradient (default 0: stop at the first)")
-    return p.parse_args(argv)
+    synthetic, llava = TrainConfig(**PRESETS["synthetic"]), TrainConfig(**PRESETS["llava"])
+    for f in dataclasses.fields(TrainConfig):
+        flag, a, b = "--" + f.name.replace("_", "-"), getattr(synthetic, f.name), getattr(llava, f.name)
+        default = f"default {a}" if a == b else f"default {a}; with --data {b}"
+        text = HELP.get(f.name, "")
+        text = text if "default" in text else f"{text} ({default})".strip()
+        if isinstance(a, bool):
+            p.add_argument(flag, action="store_true", default=None, help=text)
+        elif f.name == "synthetic_size":
+            p.add_argument(flag, type=int, nargs="+", metavar="N", help=text)
+        elif f.name == "lora_targets":
+            p.add_argument(flag, nargs="+", choices=TARGETS, help=text)
+        else:
+            kind = float if isinstance(a, float) else int if f.name in ("steps", "threads") or isinstance(a, int) \
+                else str
+            p.add_argument(flag, type=kind, choices=CHOICES.get(f.name), help=text)
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    for name in ("synthetic_size", "lora_targets"):
+        if name in given:
+            given[name] = tuple(given[name])
+    return TrainConfig(**{**PRESETS["llava" if given.get("data") else "synthetic"], **given})
 
 
 def cpu_supports_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def check_args(args, world: int, device):
+def check_config(cfg: TrainConfig, ctx: Dist):
     """Rejects impossible settings before any work starts (SystemExit with the reason)."""
     problems = []
-    if min(args.global_batch, args.micro_batch) < 1 or (args.steps is not None and args.steps < 1):
+    if min(cfg.global_batch, cfg.micro_batch) < 1 or (cfg.steps is not None and cfg.steps < 1):
         problems.append("--global-batch, --micro-batch and --steps must be positive")
-    elif args.global_batch % (args.micro_batch * world):
-        problems.append(f"--global-batch {args.global_batch} is not a multiple of micro-batch x ranks = "
-                        f"{args.micro_batch} x {world} = {args.micro_batch * world}")
-    if bool(args.florence) != bool(args.llm):
+    elif cfg.global_batch % (cfg.micro_batch * ctx.world):
+        problems.append(f"--global-batch {cfg.global_batch} is not a multiple of micro-batch x ranks = "
+                        f"{cfg.micro_batch} x {ctx.world} = {cfg.micro_batch * ctx.world}")
+    if bool(cfg.florence) != bool(cfg.llm):
         problems.append("--florence and --llm go together (a Florence-2 and an LLM checkpoint)")
-    if (args.florence or args.llm) and args.stage == "finetune":
+    if (cfg.florence or cfg.llm) and cfg.stage == "finetune":
         problems.append("--stage finetune from --florence/--llm parts: the projector would be untrained; "
                         "pretrain first (--stage pretrain or both), or give a pretrained --model")
-    if args.dtype == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
+    if cfg.dtype == "bf16" and ctx.device.type == "cpu" and not cpu_supports_bf16():
         problems.append("--dtype bf16: this CPU has no bf16 support; use --dtype fp32")
-    if args.resume not in ("auto", "none") and not (Path(args.resume) / "trainer.json").is_file():
-        problems.append(f"--resume {args.resume}: no trainer.json there (not a complete checkpoint)")
-    if args.data and not Path(args.data).is_file():
-        problems.append(f"--data {args.data}: no such file")
-    if args.data and not Path(args.images).is_dir():
-        problems.append(f"--images {args.images}: no such folder")
-    if args.tower_lr_scale is not None and args.tower_lr_scale < 0:
+    if cfg.resume not in ("auto", "none") and not (Path(cfg.resume) / "trainer.json").is_file():
+        problems.append(f"--resume {cfg.resume}: no trainer.json there (not a complete checkpoint)")
+    if cfg.data and not Path(cfg.data).is_file():
+        problems.append(f"--data {cfg.data}: no such file")
+    if cfg.data and not Path(cfg.images).is_dir():
+        problems.append(f"--images {cfg.images}: no such folder")
+    if cfg.tower_lr_scale < 0:
         problems.append("--tower-lr-scale must be >= 0")
-    if len(args.synthetic_size) > 2 or min(args.synthetic_size) < 1:
+    if len(cfg.synthetic_size) > 2 or min(cfg.synthetic_size) < 1:
         problems.append("--synthetic-size takes one or two positive numbers (pretrain, finetune)")
-    if args.vision_steps < 0:
+    if cfg.vision_steps < 0:
         problems.append("--vision-steps must be >= 0")
-    if args.skip_nonfinite < 0 or args.save_every < 1:
+    if cfg.skip_nonfinite < 0 or cfg.save_every < 1:
         problems.append("--skip-nonfinite must be >= 0 and --save-every >= 1")
+    if cfg.threads is not None and cfg.threads < 1:
+        problems.append("--threads must be >= 1")
+    if cfg.lora < 0 or (cfg.lora and cfg.stage != "finetune"):
+        problems.append("--lora R (R >= 1) is for --stage finetune (pretraining trains the whole model)")
+    if (cfg.quantize or cfg.merge) and not cfg.lora:
+        problems.append("--quantize and --merge go with --lora (a frozen base; a full run already writes the model)")
     if problems:
         raise SystemExit("train.py: " + "\n  ".join(["impossible settings:", *problems]))
 
@@ -162,61 +256,73 @@ class Log:
 
 
 # ---- model and data ------------------------------------------------------------------------------------
-def build_model(args):
-    if args.florence or args.llm:
-        if not (args.florence and args.llm):
-            raise SystemExit("--florence and --llm go together (a Florence-2 and an LLM checkpoint)")
-        return FlorenceVL.from_parts(args.florence, args.llm)
-    if args.model != "tiny":
-        return FlorenceVL.from_pretrained(args.model)
-    tok = synthetic_tokenizer()
-    end = tok.token_to_id("<|end|>")
-    cfg = FlorenceVLConfig.from_name("tiny")
-    cfg.vision.image_size = 96  # the last DaViT grid is then 3x3: one token per cell of the synthetic scenes
-    cfg.llm = type(cfg.llm)(**{**cfg.llm.__dict__, "vocab_size": tok.vocab_size, "n_layers": 4, "hidden_size": 128,
-                               "intermediate_size": 384, "n_heads": 4, "n_kv_heads": 2, "head_dim": None,
-                               "eos_token_ids": (end,), "pad_token_id": tok.token_to_id(PAD_TOKEN)})
-    return FlorenceVL(cfg, tok)
+class LLaVATask:
+    """The recipe on LLaVA data (--data): its dataset, and nothing before or after the stages."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def dataset(self, model, stage: str, **common):
+        return LLaVADataset(self.cfg.data, image_root=self.cfg.images, **common)
+
+    def before_stages(self, model, ctx, log):
+        pass
+
+    def after_training(self, model, ctx, log):
+        pass
 
 
-def synthetic_size(args, stage: str) -> int:
-    return args.synthetic_size[min(STAGES.index(stage), len(args.synthetic_size) - 1)]
+def build_model(cfg: TrainConfig) -> FlorenceVL:
+    """fp32 weights (the optimiser's master copy; autocast computes in bf16 on a GPU). With --lora the frozen
+    base may be smaller: bf16 where the forward runs in bf16, or int8 (--quantize)."""
+    if cfg.florence:
+        return FlorenceVL.from_parts(cfg.florence, cfg.llm)
+    if cfg.model == "tiny":
+        return tiny_model()
+    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and torch.cuda.is_available())
+    dtype = torch.bfloat16 if cfg.lora and bf16 else torch.float32
+    return FlorenceVL.from_pretrained(cfg.model, dtype=dtype, quantize=cfg.quantize)
 
 
-def build_dataset(args, model, stage, split="train", n=None):
+def base_model(cfg: TrainConfig) -> str:
+    """The base model an adapter names: an absolute path for a local folder (it must load from anywhere)."""
+    return str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model
+
+
+def stage_dataset(cfg: TrainConfig, task, model: FlorenceVL, stage: str):
+    """The stage's data as the recipe sees it: plain template and images resized to a square for pretraining,
+    the model's chat template and padded images for finetuning."""
     template = "plain" if stage == "pretrain" else model.template
-    common = dict(tokenizer=model.tokenizer, template=template, max_len=args.max_len, size=model.cfg.vision.image_size,
-                  num_image_tokens=model.num_visual_tokens, pad_to_square=stage == "finetune", style=args.prompt_style)
-    if args.data:
-        return LLaVADataset(args.data, image_root=args.images, **common)
-    return SyntheticDataset(split, n or synthetic_size(args, stage), seed=args.seed, flavour=stage,
-                            text_only=args.text_only, **common)
+    return task.dataset(model, stage, tokenizer=model.tokenizer, template=template, max_len=cfg.max_len,
+                        size=model.cfg.vision.image_size, num_image_tokens=model.num_visual_tokens,
+                        pad_to_square=stage == "finetune", style=cfg.prompt_style)
 
 
-def prepare(model, args):
-    """Once per run, before any optimiser exists: activation checkpointing and compile per LLM block, and
-    under --fsdp the FSDP2 sharding (fully_shard per block, then the rest), which replaces the parameters."""
-    llm = model.llm
-    if args.activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-        llm.layers = torch.nn.ModuleList(checkpoint_wrapper(b) for b in llm.layers)
-    if args.compile:
-        for b in llm.layers:
+def prepare(model: FlorenceVL, cfg: TrainConfig, ctx: Dist) -> FlorenceVL:
+    """Once per run, before any optimiser exists: activation checkpointing, compile per LLM block, and under
+    --fsdp the FSDP2 sharding (fully_shard per block, then the rest), which replaces the parameters."""
+    if cfg.lora:
+        add_lora_(model.llm, cfg.lora, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        model.mm_projector.float()  # it trains fully: fp32, whatever the base is held in
+    if cfg.activation_checkpointing:
+        model.set_activation_checkpointing(True)
+    if cfg.compile:
+        for b in model.llm.layers:
             b.compile()
-    if args.fsdp and dist.is_initialized():
-        from torch.distributed.fsdp import fully_shard
-        for b in llm.layers:
-            fully_shard(b)
-        fully_shard(model)
+    if cfg.fsdp and ctx.world > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        # bf16: the shards all-gathered and computed in bf16, the gradients reduced in fp32 onto the fp32 shards
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_compute(cfg, ctx) \
+            else MixedPrecisionPolicy()
+        for b in model.llm.layers:
+            fully_shard(b, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
     return model
 
-# ---- the loop ------------------------------------------------------------------------------------------
-def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
-    """Linear warm-up over the first `warmup` share of the steps, then cosine decay to zero."""
-    w = max(1, math.ceil(total * warmup))
-    if step < w:
-        return peak * (step + 1) / w
-    return 0.5 * peak * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
+
+def bf16_compute(cfg: TrainConfig, ctx: Dist) -> bool:
+    """--dtype: bf16 compute over fp32 weights (auto: on CUDA), else fp32."""
+    return cfg.dtype == "bf16" or (cfg.dtype == "auto" and ctx.device.type == "cuda")
 
 
 def batches(dataset, sampler, micro_batch: int, pad_id: int, bad: list | None = None, strict: bool = False):
@@ -250,149 +356,160 @@ def gather_ids(micro: list) -> list:
     return ids
 
 
-def train_stage(args, stage, model, device, rank, world, log, history):
+# ---- one stage: set up, then one step at a time, logged and saved --------------------------------------
+@dataclass
+class Stage:
+    """Everything one stage carries from step to step."""
+    name: str
+    dataset: object
+    sampler: ResumableSampler
+    ddp: object              # the model as it is run: DDP-wrapped, or the model itself (one process, FSDP2)
+    params: list
+    optimizer: torch.optim.Optimizer
+    steps: int
+    accum: int
+    start: int
+    faults: dict
+    stream: object           # micro-batches (batches())
+    bad: list                # this rank's bad samples since the last log line
+    amp: object              # the autocast context of a forward
+    t_last: float = 0.0
+    tokens_since: int = 0
+
+
+def setup_stage(cfg: TrainConfig, name: str, model: FlorenceVL, task, ctx: Dist, log, history: list):
+    """The stage's data, wrapper, optimiser and position (resumed from the latest checkpoint if it is of this
+    stage). None when a checkpoint shows the stage is already done."""
     raw = unwrap(model)
-    raw.set_stage(stage)
-    dataset = build_dataset(args, raw, stage)
-    accum = args.global_batch // (args.micro_batch * world)  # divisible: check_args
-    steps = args.steps or max(1, int(args.epochs * len(dataset) // args.global_batch))
-    peak = args.lr or (2e-3 if not args.data else 1e-5)
+    raw.set_stage(name)
+    lora = is_lora(raw)
+    if lora:
+        set_trainable_(raw)
+    dataset = stage_dataset(cfg, task, raw, name)
+    accum = cfg.global_batch // (cfg.micro_batch * ctx.world)  # divisible: check_config
+    steps = cfg.steps or max(1, int(cfg.epochs * len(dataset) // cfg.global_batch))
     table = raw.vision.encoder.embed_tokens.weight
-    ddp = raw if args.fsdp else replicate(raw, device, table)  # FSDP2 needs no wrapper
+    ddp = raw if cfg.fsdp else replicate(raw, ctx.device, table)  # FSDP2 needs no wrapper
     params = [p for p in raw.parameters() if p.requires_grad]
     tower = {id(p) for p in raw.vision.parameters()}
-    tower_scale = args.tower_lr_scale if args.tower_lr_scale is not None else 1.0 if args.data else 0.1
     groups = [{"params": [p for p in params if id(p) not in tower], "lr_scale": 1.0},
-              {"params": [p for p in params if id(p) in tower], "lr_scale": tower_scale}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=peak, betas=(0.9, 0.999),
-                                  weight_decay=args.weight_decay, fused=True)  # one kernel per group, CUDA and CPU
-    sampler = ResumableSampler(len(dataset), world, rank, seed=args.seed)
+              {"params": [p for p in params if id(p) in tower], "lr_scale": cfg.tower_lr_scale}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999),
+                                  weight_decay=cfg.weight_decay, fused=True)  # one kernel per group, CUDA and CPU
+    sampler = ResumableSampler(len(dataset), ctx.world, ctx.rank, seed=cfg.seed)
     start, faults = 0, {"bad_samples": 0, "nonfinite_steps": 0}
-    ckpt = find_checkpoint(Path(args.out), args.resume)
+    ckpt = find_checkpoint(Path(cfg.out), cfg.resume)
     if ckpt is not None:
         saved = json.loads((ckpt / "trainer.json").read_text())
-        if saved["stage"] == stage:
-            trainer = load_checkpoint(ckpt, ddp, optimizer, sampler, rank, device)
+        if saved["stage"] == name:
+            trainer = load_checkpoint(ckpt, ddp, optimizer, sampler, ctx)
             start = trainer["step"]
             faults.update(trainer.get("faults", {}))
             history[:] = trainer.get("history", [])
-            log(f"resumed {stage} from {ckpt} at step {start}/{steps}")
-        elif STAGES.index(saved["stage"]) > STAGES.index(stage):
-            log(f"skipping {stage}: {ckpt} is already in stage {saved['stage']}")
-            return
-    log(f"{stage}: {len(dataset)} samples, {steps} steps of {args.global_batch} (micro-batch {args.micro_batch} x "
-        f"{world} ranks x {accum} accumulation), peak lr {peak:g}, "
+            log(f"resumed {name} from {ckpt} at step {start}/{steps}")
+        elif STAGES.index(saved["stage"]) > STAGES.index(name):
+            log(f"skipping {name}: {ckpt} is already in stage {saved['stage']}")
+            return None
+    log(f"{name}: {len(dataset)} samples, {steps} steps of {cfg.global_batch} (micro-batch {cfg.micro_batch} x "
+        f"{ctx.world} ranks x {accum} accumulation), peak lr {cfg.lr:g}, "
         f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" or (
-        args.dtype == "auto" and device.type == "cuda") else contextlib.nullcontext()
-    bad = []  # this rank's bad samples since the last log line
-    stream = batches(dataset, sampler, args.micro_batch, raw.tokenizer.token_to_id(PAD_TOKEN) or 0, bad, args.strict)
-    fail_at = os.environ.get("TRAIN_FAIL_AT")  # test hook "rank:step": that rank raises at that step
-    t_last, tokens_since = time.time(), 0
-    for step in range(start, steps):
-        if fail_at and fail_at == f"{rank}:{step + 1}":
-            raise RuntimeError(f"forced failure (TRAIN_FAIL_AT={fail_at}) on rank {rank} at step {step + 1}")
-        micro = [next(stream) for _ in range(accum)]
-        loss_sum, n_local, tokens = 0.0, 0, 0
-        for i, b in enumerate(micro):
-            sync = i == accum - 1 or not isinstance(ddp, DDP)
-            with (contextlib.nullcontext() if sync else ddp.no_sync()), amp:
-                out = ddp(b["input_ids"].to(device), b["attention_mask"].to(device),
-                          None if b["pixel_values"] is None else b["pixel_values"].to(device), b["labels"].to(device))
-                out.loss_sum.backward()  # DDP averages the gradients over ranks
-            loss_sum += out.loss_sum.item()
-            n_local += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
-            tokens += int(b["attention_mask"].sum()) + int(b["has_image"].sum()) * (raw.num_visual_tokens - 1)
-        sync_table_rows(ddp, raw, world)
-        # the step's one collective besides the gradients: every rank gets the same totals and stop decision
-        loss_sum, n_global, n_bad, tokens, stop = all_sum(
-            [loss_sum, n_local, len(bad), tokens, float(STOP["signal"] > 0)], device)
-        # the step's loss is sum(token losses) / (supervised tokens of the whole step on all ranks); the
-        # gradients hold the ranks' mean of sum(token losses): scale them to match
-        torch._foreach_mul_([p.grad for p in params if p.grad is not None], world / max(n_global, 1))
-        lr = lr_at(step, steps, peak, args.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip).item()
-        loss = loss_sum / max(n_global, 1)
-        tokens_since += tokens
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)  # both all-reduced: every rank agrees
-        if finite:
-            optimizer.step()
-        else:
-            faults["nonfinite_steps"] += 1
-            what = (f"{stage} step {step + 1}: non-finite loss {loss} / grad norm {grad_norm} on samples "
-                    f"{gather_ids(micro)}; the step was not applied")
-            if faults["nonfinite_steps"] > args.skip_nonfinite:
-                raise SystemExit(f"{what}; stopping ({faults['nonfinite_steps']} such step(s), --skip-nonfinite "
-                                 f"{args.skip_nonfinite}); the last good checkpoint is in {args.out}")
-            log(f"{what}; skipped ({faults['nonfinite_steps']} of --skip-nonfinite {args.skip_nonfinite})",
-                stage=stage, step=step + 1, nonfinite_skipped=faults["nonfinite_steps"], ids=gather_ids(micro))
-        optimizer.zero_grad(set_to_none=True)
-        sampler.advance(args.micro_batch * accum)
-        if finite:
-            history.append({"stage": stage, "step": step + 1, "loss": loss})
-        faults["bad_samples"] += int(n_bad)
-        bad.clear()
-        if finite and ((step + 1) % args.log_every == 0 or step + 1 == steps or step == start):
-            dt = time.time() - t_last
-            tps = tokens_since / dt
-            eta = dt / max(1, (step + 1 - start) if step == start else args.log_every) * (steps - step - 1)
-            log(f"{stage} step {step + 1:5d}/{steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
-                f"{tps:,.0f} tok/s | ETA {eta / 60:.1f} min | bad samples skipped {faults['bad_samples']}",
-                stage=stage, step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tps,
-                bad_samples=faults["bad_samples"])
-            t_last, tokens_since = time.time(), 0
-        stop = stop > 0  # summed over ranks above: every rank agrees
-        if (step + 1) % args.save_every == 0 or step + 1 == steps or stop:
-            save_checkpoint(Path(args.out), checkpoint_name(stage, step + 1), ddp, optimizer,
-                            {"stage": stage, "step": step + 1, "sampler": sampler.state_dict(), "history": history,
-                             "faults": faults}, rank, world, device, args.keep)
-        if stop:
-            log(f"stopped by a signal after {stage} step {step + 1}: checkpoint {checkpoint_name(stage, step + 1)} "
-                f"written in {args.out}; continue with --resume auto")
-            raise Interrupted()
+    if lora:
+        log(trainable_summary(raw, params))
+    amp = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if bf16_compute(cfg, ctx) else contextlib.nullcontext()
+    bad = []
+    stream = batches(dataset, sampler, cfg.micro_batch, raw.tokenizer.token_to_id(PAD_TOKEN) or 0, bad, cfg.strict)
+    return Stage(name, dataset, sampler, ddp, params, optimizer, steps, accum, start, faults, stream, bad, amp,
+                 t_last=time.time())
 
 
-# ---- evaluation and the end of a run -------------------------------------------------------------------
-@torch.no_grad()
-def evaluate_synthetic(args, model, device, n: int, batch: int = 32) -> tuple[float, float]:
-    """Held-out exact match of greedy answers to single questions, and the text-only baseline: the
-    training set's most frequent answer to the same question (the best a model can do without the image)."""
-    from data import tokenize_prompt
-    model.eval()
-    held = build_dataset(args, model, "finetune", split="heldout", n=n)
-    held.multi_turn = 0.0
-    train = build_dataset(args, model, "finetune", n=min(synthetic_size(args, "finetune"), 5000))
-    counts = {}
-    for i in range(len(train)):
-        s = train.sample(i)
-        for turn, answer in zip(s.conversations[::2], s.answers):
-            q = turn["value"].replace("<image>\n", "")
-            counts.setdefault(q, {}).setdefault(answer, 0)
-            counts[q][answer] += 1
-    hits = baseline = 0
-    for start in range(0, n, batch):
-        samples = [held.sample(i) for i in range(start, min(n, start + batch))]
-        prompts = [tokenize_prompt(s.conversations[:1], model.tokenizer, model.template, not args.text_only,
-                                   style=args.prompt_style) for s in samples]
-        T = max(map(len, prompts))
-        ids = torch.full((len(prompts), T), 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, p in enumerate(prompts):
-            ids[r, :len(p)], mask[r, :len(p)] = torch.tensor(p), 1
-        pixels = None if args.text_only else torch.stack(
-            [held[i]["pixel_values"] for i in range(start, start + len(samples))])
-        out = model.generate(ids.to(device), mask.to(device), None if pixels is None else pixels.to(device),
-                             max_new_tokens=32)
-        for s, tokens in zip(samples, out):
-            hits += exact_match(model.tokenizer.decode(tokens), s.answers[0])
-            guess = counts.get(s.conversations[0]["value"].replace("<image>\n", ""), {})
-            baseline += bool(guess) and max(guess, key=guess.get) == s.answers[0]
-    model.train()
-    return hits / n, baseline / n
+def train_step(cfg: TrainConfig, st: Stage, model: FlorenceVL, ctx: Dist, step: int) -> dict:
+    """One optimiser step: the micro-steps, one small all-reduce of the step's totals, the gradient scaled
+    to the whole step's token count, the update (or, for a non-finite loss or gradient, none)."""
+    raw = unwrap(model)
+    micro = [next(st.stream) for _ in range(st.accum)]
+    loss_sum, n_local, tokens = 0.0, 0, 0
+    for i, b in enumerate(micro):
+        last = i == st.accum - 1  # gradients are reduced over ranks once, after the last micro-step
+        if hasattr(st.ddp, "set_requires_gradient_sync"):  # FSDP2: no reduce-scatter until then
+            st.ddp.set_requires_gradient_sync(last)
+        with (contextlib.nullcontext() if last or not isinstance(st.ddp, DDP) else st.ddp.no_sync()), st.amp:
+            out = st.ddp(b["input_ids"].to(ctx.device), b["attention_mask"].to(ctx.device),
+                         None if b["pixel_values"] is None else b["pixel_values"].to(ctx.device),
+                         b["labels"].to(ctx.device))
+            out.loss_sum.backward()  # DDP averages the gradients over ranks
+        loss_sum += out.loss_sum.item()
+        n_local += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+        tokens += int(b["attention_mask"].sum()) + int(b["has_image"].sum()) * (raw.num_visual_tokens - 1)
+    sync_table_rows(st.ddp, raw, ctx.world)
+    # the step's one collective besides the gradients: every rank gets the same totals and stop decision
+    loss_sum, n_global, n_bad, tokens, stop = ctx.sum(
+        [loss_sum, n_local, len(st.bad), tokens, float(STOP["signal"] > 0)])
+    # the step's loss is sum(token losses) / (supervised tokens of the whole step on all ranks); the
+    # gradients hold the ranks' mean of sum(token losses): scale them to match
+    torch._foreach_mul_([p.grad for p in st.params if p.grad is not None], ctx.world / max(n_global, 1))
+    lr = lr_at(step, st.steps, cfg.lr, cfg.warmup)
+    for group in st.optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    grad_norm = torch.nn.utils.clip_grad_norm_(st.params, cfg.clip).item()
+    loss = loss_sum / max(n_global, 1)
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)  # both all-reduced: every rank agrees
+    if finite:
+        st.optimizer.step()
+    else:
+        st.faults["nonfinite_steps"] += 1
+        what = (f"{st.name} step {step + 1}: non-finite loss {loss} / grad norm {grad_norm} on samples "
+                f"{gather_ids(micro)}; the step was not applied")
+        if st.faults["nonfinite_steps"] > cfg.skip_nonfinite:
+            raise SystemExit(f"{what}; stopping ({st.faults['nonfinite_steps']} such step(s), --skip-nonfinite "
+                             f"{cfg.skip_nonfinite}); the last good checkpoint is in {cfg.out}")
+        log_line = (f"{what}; skipped ({st.faults['nonfinite_steps']} of --skip-nonfinite {cfg.skip_nonfinite})",
+                    dict(stage=st.name, step=step + 1, nonfinite_skipped=st.faults["nonfinite_steps"],
+                         ids=gather_ids(micro)))
+    st.optimizer.zero_grad(set_to_none=True)
+    st.sampler.advance(cfg.micro_batch * st.accum)
+    return dict(loss=loss, grad_norm=grad_norm, lr=lr, tokens=tokens, n_bad=n_bad, stop=stop > 0, finite=finite,
+                skipped=None if finite else log_line)
 
 
+def log_and_save(cfg: TrainConfig, st: Stage, step: int, r: dict, ctx: Dist, log, history: list):
+    """The step's log line (every --log-every steps), checkpoint (every --save-every steps, at the end, and
+    when a signal asked to stop: then Interrupted)."""
+    if r["skipped"]:
+        log(r["skipped"][0], **r["skipped"][1])
+    st.tokens_since += r["tokens"]
+    if r["finite"]:
+        history.append({"stage": st.name, "step": step + 1, "loss": r["loss"]})
+    st.faults["bad_samples"] += int(r["n_bad"])
+    st.bad.clear()
+    if r["finite"] and ((step + 1) % cfg.log_every == 0 or step + 1 == st.steps or step == st.start):
+        dt = time.time() - st.t_last
+        tps = st.tokens_since / dt
+        eta = dt / max(1, (step + 1 - st.start) if step == st.start else cfg.log_every) * (st.steps - step - 1)
+        log(f"{st.name} step {step + 1:5d}/{st.steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad norm "
+            f"{r['grad_norm']:.3f} | {tps:,.0f} tok/s | ETA {eta / 60:.1f} min | bad samples skipped "
+            f"{st.faults['bad_samples']}",
+            stage=st.name, step=step + 1, loss=r["loss"], lr=r["lr"], grad_norm=r["grad_norm"], tokens_per_s=tps,
+            bad_samples=st.faults["bad_samples"])
+        st.t_last, st.tokens_since = time.time(), 0
+    if (step + 1) % cfg.save_every == 0 or step + 1 == st.steps or r["stop"]:
+        save_checkpoint(Path(cfg.out), checkpoint_name(st.name, step + 1), st.ddp, st.optimizer,
+                        {"stage": st.name, "step": step + 1, "sampler": st.sampler.state_dict(), "history": history,
+                         "faults": st.faults, "base_model": base_model(cfg)}, ctx, cfg.keep)
+    if r["stop"]:
+        log(f"stopped by a signal after {st.name} step {step + 1}: checkpoint {checkpoint_name(st.name, step + 1)} "
+            f"written in {cfg.out}; continue with --resume auto")
+        raise Interrupted()
+
+
+def train_stage(cfg: TrainConfig, name: str, model: FlorenceVL, task, ctx: Dist, log, history: list):
+    st = setup_stage(cfg, name, model, task, ctx, log, history)
+    if st is None:
+        return
+    for step in range(st.start, st.steps):
+        log_and_save(cfg, st, step, train_step(cfg, st, model, ctx, step), ctx, log, history)
+
+
+# ---- the end of a run ----------------------------------------------------------------------------------
 def draw_loss_curve(history: list, path: Path):
     """A plain PNG of loss per step, one colour per stage, drawn with Pillow."""
     from PIL import Image, ImageDraw
@@ -417,32 +534,57 @@ def draw_loss_curve(history: list, path: Path):
     img.save(path)
 
 
+def finish(cfg: TrainConfig, model: FlorenceVL, task, stages: list, history: list, ctx: Dist, log):
+    """The final model in the official layout (its config saying how the last stage saw its data, so that
+    sample.py / eval.py do the same), the loss curve, and the task's last word (the synthetic held-out score)."""
+    out = Path(cfg.out)
+    model_sd = full_model_state(model)  # a collective under FSDP
+    if ctx.rank == 0:
+        finetuned = stages[-1] == "finetune"
+        model.cfg.image_aspect_ratio = "pad" if finetuned else "square"
+        model.cfg.template = None if finetuned else "plain"
+        if is_lora(model):  # the adapter; --merge: also the merged model, read back from base + adapter
+            save_adapter(model, out / "final", base_model(cfg), model_sd)
+            if cfg.merge:
+                merged = FlorenceVL.from_pretrained(out / "final", dtype=torch.float32)
+                log(f"merged {merge_lora_(merged)} LoRA layers: {out / 'merged'}")
+                merged.save_pretrained(out / "merged")
+        else:
+            model.save_pretrained(out / "final", state_dict=model_sd)
+        draw_loss_curve(history, out / "loss.png")
+        log(f"final model: {out / 'final'} (python sample.py --model {out / 'final'} --image ...) | "
+            f"loss curve: {out / 'loss.png'}")
+        if is_sharded(model):  # a sharded model generates only with every rank: use a whole copy
+            model = FlorenceVL.from_pretrained(out / "final").to(ctx.device)
+    task.after_training(model, ctx, log)
+
+
 def main(argv=None):
-    args = parse_args(argv)
+    cfg = parse_args(argv)
     install_signal_handlers()
-    rank, world, device = setup_distributed()
-    check_args(args, world, device)
-    out = Path(args.out)
-    if rank == 0:
+    ctx = setup_distributed()
+    check_config(cfg, ctx)
+    _, threads_note = choose_threads(cfg.threads, ctx)
+    out = Path(cfg.out)
+    if ctx.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    barrier()
-    log = Log(out, rank)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = build_model(args).to(device)
+    ctx.barrier()
+    log = Log(out, ctx.rank)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = build_model(cfg).to(ctx.device)
     if model.tokenizer is None:
-        raise SystemExit("the model has no tokenizer.json; put one in the checkpoint folder")
-    stages = [args.stage] if args.stage in STAGES else list(STAGES) if args.stage == "both" or not args.data \
-        else ["finetune"]
-    log(f"Florence-VL training on {world} x {device.type} | model {args.model} | stages {' -> '.join(stages)} | "
-        f"{model.num_visual_tokens} visual tokens | out {out}")
+        raise SystemExit("the model has no tokenizer: put its tokenizer.json, or tokenizer.model with "
+                         "tokenizer_config.json, in the checkpoint folder")
+    task = LLaVATask(cfg) if cfg.data else SyntheticTask(cfg)
+    stages = list(STAGES) if cfg.stage == "both" else [cfg.stage]
+    log(f"Florence-VL training on {ctx.world} x {ctx.device.type} | model {cfg.model} | stages {' -> '.join(stages)} | "
+        f"{model.num_visual_tokens} visual tokens | out {out} | {threads_note}")
     t0, history = time.time(), []
     try:
-        if (args.model == "tiny" and not (args.florence or args.data or args.text_only) and args.vision_steps
-                and find_checkpoint(out, args.resume) is None):  # a checkpoint of stage 1 or 2 holds the tower
-            train_vision_stage(args, model, device, rank, world, log, synthetic_size(args, "pretrain"))
-        model = prepare(model, args)  # after stage 0: FSDP replaces the parameters
+        task.before_stages(model, ctx, log)
+        model = prepare(model, cfg, ctx)  # after stage 0: FSDP replaces the parameters
         for stage in stages:
-            train_stage(args, stage, model, device, rank, world, log, history)
+            train_stage(cfg, stage, model, task, ctx, log, history)
     except Interrupted:
         # The checkpoint is written. When one worker exits, torchrun sends SIGTERM to the others; one that is
         # already shutting down (where Python restores the default handlers) would die of it instead of
@@ -453,24 +595,8 @@ def main(argv=None):
             dist.destroy_process_group()
         sys.exit(128 + (STOP["signal"] or signal.SIGTERM))
     log(f"trained in {(time.time() - t0) / 60:.1f} min")
-    model_sd = full_model_state(model)  # a collective under FSDP
-    if rank == 0:
-        # the saved config says how the last stage saw its data, so that sample.py / eval.py do the same
-        finetuned = stages[-1] == "finetune"
-        model.cfg.image_aspect_ratio = "pad" if finetuned else "square"
-        model.cfg.template = None if finetuned else "plain"
-        model.save_pretrained(out / "final", state_dict=model_sd)
-        draw_loss_curve(history, out / "loss.png")
-        log(f"final model: {out / 'final'} (python sample.py --model {out / 'final'} --image ...) | "
-            f"loss curve: {out / 'loss.png'}")
-        if not args.data and args.eval_samples:
-            if is_sharded(model):  # a sharded model generates only with every rank: score a whole copy
-                model = FlorenceVL.from_pretrained(out / "final").to(device)
-            acc, base = evaluate_synthetic(args, model, device, args.eval_samples)
-            log(f"held-out exact match: {acc:.1%} on {args.eval_samples} questions | text-only baseline "
-                f"(most frequent training answer to the same question): {base:.1%}",
-                heldout_exact_match=acc, text_only_baseline=base)
-    barrier()
+    finish(cfg, model, task, stages, history, ctx, log)
+    ctx.barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -7,18 +7,20 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import read_weights, save_safetensors, write_text_atomic
 from fusion import FlorenceVL
+from lora import ADAPTER_FILE, adapter_state, is_lora, save_adapter
+from train_dist import Dist
 
 STAGES = ("pretrain", "finetune")  # the training stages in order; checkpoint names sort by them
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------
-# out/ckpt-2-finetune-000123/  model (official layout: config.json, model.safetensors, ...), optimizer.safetensors,
-#                   rng-rank{r}.safetensors, trainer.json (written last: its presence marks a complete one)
+# out/ckpt-2-finetune-000123/  model (official layout: config.json, model.safetensors, ...; a LoRA run: its
+#                   adapter), optimizer.safetensors, rng-rank{r}.safetensors, trainer.json (written last: its
+#                   presence marks a complete one)
 # out/latest  the name of the newest complete checkpoint
 # A checkpoint is written into out/.tmp-<name> and renamed into place, so a crash mid-save leaves
 # the previous checkpoint untouched and no half-written one under a real name.
@@ -48,20 +50,24 @@ def rng_state(device) -> dict:
     return out
 
 
-def save_checkpoint(out: Path, name: str, model, optimizer, trainer: dict, rank: int, world: int, device, keep: int):
+def save_checkpoint(out: Path, name: str, model, optimizer, trainer: dict, ctx: Dist, keep: int = 2):
     final, tmp = out / name, out / f".tmp-{name}"
+    rank = ctx.rank
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a save that died
         tmp.mkdir(parents=True)
-    barrier()
+    ctx.barrier()
     model_sd, opt_sd = full_state_dicts(model, optimizer)  # a collective under FSDP: every rank takes part
-    save_safetensors(rng_state(device), tmp / f"rng-rank{rank}.safetensors")
+    save_safetensors(rng_state(ctx.device), tmp / f"rng-rank{rank}.safetensors")
     if rank == 0:
-        unwrap(model).save_pretrained(tmp, state_dict=model_sd)
+        if is_lora(unwrap(model)):  # the base stays where it is: the adapter (LoRA pairs + projector) is the state
+            save_adapter(unwrap(model), tmp, trainer["base_model"], model_sd)
+        else:
+            unwrap(model).save_pretrained(tmp, state_dict=model_sd)
         tensors, meta = flatten_optimizer(opt_sd)
         save_safetensors(tensors, tmp / "optimizer.safetensors")
-        (tmp / "trainer.json").write_text(json.dumps({**trainer, "world_size": world, "optimizer": meta}, indent=1))
-    barrier()
+        (tmp / "trainer.json").write_text(json.dumps({**trainer, "world_size": ctx.world, "optimizer": meta}, indent=1))
+    ctx.barrier()
     if rank == 0:
         if final.exists():  # the same step saved again (a resumed run): swap, never leave neither
             os.replace(final, out / f".old-{name}")
@@ -72,7 +78,7 @@ def save_checkpoint(out: Path, name: str, model, optimizer, trainer: dict, rank:
         for old in done[:-keep] if keep > 0 else []:
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
-    barrier()
+    ctx.barrier()
 
 
 def full_state_dicts(model, optimizer):
@@ -116,33 +122,35 @@ def find_checkpoint(out: Path, resume: str):
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, model, optimizer, sampler, rank: int, device) -> dict:
+def load_checkpoint(path: Path, model, optimizer, sampler, ctx: Dist) -> dict:
     trainer = json.loads((path / "trainer.json").read_text())
-    model_sd = FlorenceVL.from_pretrained(path).state_dict()
+    if is_lora(unwrap(model)):  # the model holds its base already: the adapter's tensors are the state
+        model_sd = adapter_state(read_weights(path / ADAPTER_FILE))
+    else:
+        model_sd = FlorenceVL.from_pretrained(path).state_dict()
     opt_sd = unflatten_optimizer(read_weights(path / "optimizer.safetensors"), trainer["optimizer"])
     if is_sharded(model):  # every rank reads the whole checkpoint and keeps its shards
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
-        options = StateDictOptions(full_state_dict=True)
+        options = StateDictOptions(full_state_dict=True, strict=not is_lora(model))
         set_model_state_dict(model, model_sd, options=options)
         set_optimizer_state_dict(model, optimizer, opt_sd, options=options)
     else:
-        unwrap(model).load_state_dict(model_sd)
+        if is_lora(unwrap(model)):  # the adapter's keys, all of them: the base is not in the checkpoint
+            missing = set(adapter_state(unwrap(model).state_dict())) - set(model_sd)
+            if missing:
+                raise SystemExit(f"{path / ADAPTER_FILE} lacks {sorted(missing)[:5]}: not this run's adapter")
+        unwrap(model).load_state_dict(model_sd, strict=not is_lora(unwrap(model)))
         optimizer.load_state_dict(opt_sd)
     sampler.load_state_dict(trainer["sampler"])
-    rng_file = path / f"rng-rank{rank}.safetensors"
-    if rng_file.is_file() and trainer["world_size"] == (dist.get_world_size() if dist.is_initialized() else 1):
+    rng_file = path / f"rng-rank{ctx.rank}.safetensors"
+    if rng_file.is_file() and trainer["world_size"] == ctx.world:
         rng = read_weights(rng_file)
         torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], device)
+        if "cuda" in rng and ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], ctx.device)
     return trainer
 
 
 def unwrap(model):
     return model.module if isinstance(model, DDP) else model
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()

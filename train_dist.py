@@ -1,10 +1,13 @@
-"""What the ranks of a run share: stop signals, the process group, sums over ranks, and DDP.
+"""What the ranks of a run share: stop signals, the process group (Dist: rank, world, device, sums over
+ranks), threads per rank, DDP, and the data order (ResumableSampler: each rank's share, resumable mid-epoch).
 
-Used by train.py and train_vision.py. Plain `python train.py` is a world of one: the sums return what they
+Used by train.py and train_synthetic.py. Plain `python train.py` is a world of one: the sums return what they
 are given and nothing is wrapped in DDP."""
 import inspect
 import os
 import signal
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -34,26 +37,60 @@ class Interrupted(Exception):
 
 
 # ---- processes -----------------------------------------------------------------------------------------
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python train.py` is a world of one."""
+@dataclass
+class Dist:
+    """Where this process stands in the run: plain `python train.py` is a world of one."""
+    rank: int = 0
+    world: int = 1
+    local_world: int = 1  # processes of the run on this machine
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def sum(self, x: float | list[float]) -> float | list[float]:
+        """The sum over ranks of a number, or of each number in a list (one collective for the whole list:
+        on gloo each all-reduce, however small, costs ~1.7 ms)."""
+        if not dist.is_initialized():
+            return x
+        t = torch.tensor(x if isinstance(x, list) else [x], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist() if isinstance(x, list) else t.item()
+
+    def barrier(self):
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def setup_distributed() -> Dist:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE; plain `python train.py` is a world of one."""
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = torch.cuda.is_available()
     local = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local)
     dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                torch.device(f"cuda:{local}" if cuda else "cpu"))
 
 
-def all_sum(x: float | list[float], device) -> float | list[float]:
-    """The sum over ranks of a number, or of each number in a list (one collective for the whole list: on
-    gloo each all-reduce, however small, costs ~1.7 ms)."""
-    if not dist.is_initialized():
-        return x
-    t = torch.tensor(x if isinstance(x, list) else [x], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist() if isinstance(x, list) else t.item()
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def choose_threads(requested: int | None, ctx: Dist) -> tuple[int, str]:
+    """Intra-op threads for this rank: `requested`, else the usable cores shared out over the ranks on this
+    machine. Returns (threads, what to log). OMP_NUM_THREADS is not trusted: torchrun sets it to 1 only when
+    it is unset, and a value from the environment (clusters, CI images) that gives each of two ranks both
+    cores of two made stage 0 run 10-40x slower (threads spinning against each other)."""
+    cores = usable_cores()
+    threads = requested or max(1, cores // ctx.local_world)
+    torch.set_num_threads(threads)
+    why = "--threads" if requested else f"{cores} usable cores / {ctx.local_world} rank(s) on this machine"
+    note = f"threads: {threads} per rank ({why})"
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) != threads and int(env) * ctx.local_world > cores:
+        note += (f"; OMP_NUM_THREADS={env} asks for {int(env) * ctx.local_world} threads on {cores} cores, "
+                 f"which oversubscribes them: {threads} used instead")
+    return threads, note
 
 
 def replicate(module, device, table=None):
@@ -86,3 +123,70 @@ def sync_table_rows(ddp, model: FlorenceVL, world: int):
     grad = table.grad[rows]
     dist.all_reduce(grad)
     table.grad[rows] = grad / world
+
+
+# ---- sampling ------------------------------------------------------------------------------------------
+class ResumableSampler(torch.utils.data.Sampler):
+    """Deterministic distributed sampler that can restart in the middle of an epoch.
+
+    Epoch e uses randperm(n) from seed + e (as torch's DistributedSampler), padded with its own first
+    indices (or trimmed, drop_last) to a multiple of num_replicas; rank r takes every
+    num_replicas-th index starting at r. `position` counts samples consumed in this epoch over all
+    ranks: iteration starts there, so a run restored from state_dict() continues with exactly the
+    indices it would have seen.
+
+    The sampler cannot count consumption itself (DataLoader workers prefetch ahead of the training
+    step): the training loop calls advance(samples_per_rank) after each step it completes."""
+
+    def __init__(self, dataset_or_len, num_replicas: int | None = None, rank: int | None = None,
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+        self.n = dataset_or_len if isinstance(dataset_or_len, int) else len(dataset_or_len)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.num_replicas = num_replicas if num_replicas is not None else (
+            torch.distributed.get_world_size() if distributed else 1)
+        self.rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f'rank {self.rank} outside [0, {self.num_replicas})')
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.epoch, self.position = 0, 0
+        if drop_last and self.n < self.num_replicas:
+            raise ValueError(f'{self.n} samples cannot fill {self.num_replicas} ranks with drop_last')
+
+    def epoch_indices(self) -> list[int]:
+        """All ranks' indices of this epoch, interleaved: rank r takes [r::num_replicas]."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            indices = torch.randperm(self.n, generator=g).tolist()
+        else:
+            indices = list(range(self.n))
+        if self.drop_last:
+            return indices[:self.n - self.n % self.num_replicas]
+        pad = -self.n % self.num_replicas
+        return indices + (indices * (pad // max(self.n, 1) + 1))[:pad]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.epoch_indices()[self.position + self.rank::self.num_replicas])
+
+    def __len__(self) -> int:
+        R = self.num_replicas
+        total = self.n - self.n % R if self.drop_last else -(-self.n // R) * R  # = len(epoch_indices())
+        return len(range(self.position + self.rank, total, R))
+
+    def set_epoch(self, epoch: int) -> None:
+        # A new epoch starts at its beginning; setting the current epoch again (right after
+        # load_state_dict) keeps the restored position.
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def advance(self, samples_per_rank: int) -> None:
+        """Marks samples_per_rank more samples as consumed on every rank."""
+        self.position += samples_per_rank * self.num_replicas
+
+    def state_dict(self) -> dict:
+        return {'seed': self.seed, 'epoch': self.epoch, 'position': self.position,
+                'num_replicas': self.num_replicas}
+
+    def load_state_dict(self, state: dict) -> None:
+        # position is global, so a run may resume on a different number of ranks and still see
+        # each remaining sample of this epoch; only the same number continues bit for bit.
+        self.seed, self.epoch, self.position = state['seed'], state['epoch'], state['position']

@@ -4,16 +4,12 @@ The PCA picture is checked pixel by pixel against numpy's SVD of the same featur
 losses on a short run must be finite, decrease, and come one per feature set."""
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 import analyze  # noqa: E402
 from florence_encoder import preprocess  # noqa: E402
 from fusion import FlorenceVL, FlorenceVLConfig  # noqa: E402
@@ -141,7 +137,7 @@ def test_pca_of_a_plain_florence2_checkpoint(tmp_path):
     tower = FlorenceVL(FlorenceVLConfig(vision=cfg, llm=FlorenceVLConfig.from_name("tiny").llm)).vision
     (tmp_path / "config.json").write_text(json.dumps(florence_config_json(cfg)))
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(preprocessor_config_json(cfg)))
-    save_safetensors(to_original_state_dict(tower.state_dict()), tmp_path / "model.safetensors")
+    save_safetensors(to_original_state_dict(tower.state_dict(), tower.cfg), tmp_path / "model.safetensors")
     Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "red.png")
     analyze.main(["pca", "--model", str(tmp_path), "--image", str(tmp_path / "red.png"), "--out",
                   str(tmp_path / "pca.png"), "--tile", "64"])

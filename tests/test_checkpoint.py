@@ -6,14 +6,14 @@ The checkpoint: the tiny tower, an 8-layer LLM 1024 wide with a vocabulary of 81
 model, as Llama-3.1-8B's lm_head is 6% of Florence-VL-8B): 119M parameters, 238 MB in bf16, in 100 MB shards.
 """
 import json
-import sys
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import save_sharded, stream_tensors, weight_files  # noqa: E402
+import train
+from checkpoint import read_weights, save_sharded, stream_tensors, weight_files  # noqa: E402
 from fusion import FlorenceVL, FlorenceVLConfig  # noqa: E402
 from memory import measure  # noqa: E402
 from model import LLMConfig  # noqa: E402
@@ -150,3 +150,73 @@ def test_saving_streams_one_tensor_at_a_time(medium, tmp_path):
     again = FlorenceVL.from_pretrained(tmp_path / "ours")
     a, b = medium["model"].state_dict(), again.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints that do not fit
+
+def test_bad_checkpoints_get_a_clear_error(tmp_path):
+    import shutil
+    from checkpoint import CheckpointError, save_safetensors
+    from fusion import FlorenceVL
+    torch.manual_seed(0)
+    model = train.build_model(train.parse_args([]))
+    good = tmp_path / "good"
+    model.save_pretrained(good)
+    FlorenceVL.from_pretrained(good)
+
+    def variant(name):
+        shutil.copytree(good, tmp_path / name)
+        return tmp_path / name
+    # missing / unexpected / misshaped keys, all listed
+    bad = variant("keys")
+    sd = read_weights(bad / "model.safetensors")
+    proj = sorted(k for k in sd if "mm_projector" in k)
+    del sd[proj[0]]
+    sd["model.mm_projector.extra.weight"] = torch.zeros(2)
+    sd[proj[1]] = torch.zeros(3, 3)
+    save_safetensors(sd, bad / "model.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        FlorenceVL.from_pretrained(bad)
+    msg = str(e.value)
+    assert "(mm_projector) does not match the model" in msg and "missing (1): " + proj[0].split("mm_projector.")[1] in msg
+    assert "unexpected (1): extra.weight" in msg and "wrong shape: " + proj[1].split("mm_projector.")[1] in msg
+    # a truncated safetensors file
+    bad = variant("truncated")
+    raw = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(CheckpointError, match=rf"cannot read {bad / 'model.safetensors'}"):
+        FlorenceVL.from_pretrained(bad)
+    # a pickle that would run code is refused; a plain-tensor pickle loads
+    bad = variant("pickle")
+    (bad / "model.safetensors").unlink()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+    torch.save({"x": Evil()}, bad / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=rf"refused {bad / 'pytorch_model.bin'}: a pickle that does not load "
+                                              r"with weights_only=True"):
+        FlorenceVL.from_pretrained(bad)
+    assert not (tmp_path / "pwned").exists()
+    torch.save(read_weights(good / "model.safetensors"), bad / "pytorch_model.bin")
+    FlorenceVL.from_pretrained(bad)
+    # a config naming an unknown architecture
+    bad = variant("arch")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg.update(architectures=["MambaForCausalLM"], model_type="mamba")
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"config\.json: unsupported model \(architectures \['MambaForCausalLM'\]"):
+        FlorenceVL.from_pretrained(bad)
+    # a tokenizer larger than the embedding
+    bad = variant("vocab")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["vocab_size"] = model.tokenizer.vocab_size - 8
+    (bad / "config.json").write_text(json.dumps(cfg))
+    sd = read_weights(bad / "model.safetensors")  # the weights agree with the config; the tokenizer does not
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        sd[k] = sd[k][:cfg["vocab_size"]].clone()
+    save_safetensors(sd, bad / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"tokenizer\.json does not match the model: {model.tokenizer.vocab_size} "
+                                              rf"tokens, but the embedding has {cfg['vocab_size']} rows"):
+        FlorenceVL.from_pretrained(bad)

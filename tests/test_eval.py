@@ -1,16 +1,12 @@
 """eval.py: the metrics on hand-made answer sets (values worked out by hand in the comments), the
 question-file reader, and the whole tool on a tiny random model (batching must not change an answer)."""
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 import eval as evaluate  # noqa: E402  (the module, not the builtin)
 from fusion import FlorenceVL, FlorenceVLConfig  # noqa: E402
 from synthetic import SyntheticDataset, synthetic_tokenizer  # noqa: E402

@@ -235,7 +235,7 @@ def test_original_names_load_and_match(case, tmp_path):
         expected = assert_parity(ours, model, pixels, f"{folder.name} (original names, {sub})")
 
     # our writer gives the same tensors under the same names (minus the decoder and its bias)
-    mine = to_original_state_dict(ours.state_dict())
+    mine = to_original_state_dict(ours.state_dict(), ours.cfg)
     theirs = {k: v for k, v in sd.items() if not k.startswith(("language_model.model.decoder.", "language_model.f"))}
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 

@@ -28,7 +28,6 @@ from transformers import (Florence2Config, Florence2ForConditionalGeneration, Ll
                           Phi3Config, Phi3ForCausalLM)
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 from checkpoint import CheckpointError  # noqa: E402
 from data import tokenize_prompt  # noqa: E402
 from florence_encoder import preprocess  # noqa: E402

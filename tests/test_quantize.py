@@ -10,15 +10,12 @@ control that the same thresholds must reject.
 """
 import copy
 import io
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from generate import generate  # noqa: E402
 from model import LLM, LLMConfig  # noqa: E402
 from quantize import (Int8Linear, int8_linear_names, quantize_llm_, quantize_weight,  # noqa: E402

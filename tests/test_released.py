@@ -34,7 +34,6 @@ import released
 from released import REPOS, TOWER_REPOS
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import tokenizer as tokenizer_module  # noqa: E402
 

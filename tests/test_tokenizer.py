@@ -10,14 +10,12 @@ import json
 import random
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import tokenizers
 from tokenizers import decoders, models, processors
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import reference_env  # noqa: E402
 from tokenizer import (TEMPLATES, SentencePieceTokenizer, Tokenizer, TokenizerError, load_tokenizer,  # noqa: E402
                        read_sentencepiece_model, render_chat)

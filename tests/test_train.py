@@ -5,30 +5,40 @@ and the default configuration learns under torchrun.
 The runs are real (`torchrun` / `python` subprocesses on the tiny synthetic default); a small wrapper
 script observes them from the inside (it dumps the gradients or dies at a chosen moment) without
 changing train.py."""
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
 import train_checkpoint  # noqa: E402
 from checkpoint import read_weights  # noqa: E402
+from test_data import turns, write_images  # noqa: E402
+from train_dist import Dist, ResumableSampler  # noqa: E402
 
+PY, ENV = sys.executable, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+# --threads 1: these runs (and the in-process ones, which would set pytest's own threads) use one thread, as the
+# rest of the suite (conftest.py); test_threads_per_rank_... checks the default choice
 TINY = ["--synthetic-size", "64", "--global-batch", "8", "--micro-batch", "4", "--eval-samples", "0",
-        "--vision-steps", "0", "--log-every", "1", "--stage", "pretrain", "--resume", "auto"]
+        "--vision-steps", "0", "--log-every", "1", "--stage", "pretrain", "--resume", "auto", "--threads", "1"]
 
 # Runs train.main inside a wrapper. DUMP_GRADS=path saves the gradients of the first optimiser step
 # (they are final when clip_grad_norm_ is called; DDP has already averaged them over the ranks).
 # DIE_AFTER=name makes the process exit hard right after that checkpoint is complete (a crash).
+# FAIL_AT=rank:step makes that rank raise at that step. THREADS=folder: each rank writes there how many
+# intra-op threads its steps run with.
 WRAPPER = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, {repo!r})
@@ -47,6 +57,15 @@ WRAPPER = textwrap.dedent("""
         if name == os.environ.get("DIE_AFTER"):
             os._exit(17)
     train.save_checkpoint = dying_save
+    step = train.train_step
+    def observed_step(cfg, st, model, ctx, i):
+        if os.environ.get("FAIL_AT") == f"{{ctx.rank}}:{{i + 1}}":
+            raise RuntimeError(f"forced failure on rank {{ctx.rank}} at step {{i + 1}}")
+        if os.environ.get("THREADS"):
+            with open(os.path.join(os.environ["THREADS"], f"rank{{ctx.rank}}"), "w") as f:
+                f.write(str(torch.get_num_threads()))
+        return step(cfg, st, model, ctx, i)
+    train.train_step = observed_step
     train.main(sys.argv[1:])
 """)
 
@@ -57,7 +76,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(tmp_path, args, nproc=1, env=None, check=True):
+def run(tmp_path, args, nproc=1, env=None, check=True, threads="1"):
+    """train.py in a fresh process (torchrun for nproc > 1), observed by WRAPPER; one thread per rank unless
+    the args say otherwise or threads=None (then train.py chooses)."""
+    if threads and "--threads" not in args:
+        args = [*args, "--threads", threads]
     script = tmp_path / "wrapped_train.py"
     script.write_text(WRAPPER.format(repo=str(REPO)))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -100,9 +123,9 @@ def test_only_the_prompt_rows_of_the_encoder_token_table_get_gradient():
     of the prompts' tokens are summed (train_dist.replicate / sync_table_rows): exact only while no other row
     of the table gets gradient."""
     torch.manual_seed(0)
-    args = train.parse_args([])
-    model = train.build_model(args)
-    data = train.build_dataset(args, model, "pretrain", n=8)
+    cfg = train.parse_args(["--synthetic-size", "8"])
+    model = train.build_model(cfg)
+    data = train.stage_dataset(cfg, train.SyntheticTask(cfg), model, "pretrain")
     b = train.collate([data[i] for i in range(4)], model.tokenizer.token_to_id(train.PAD_TOKEN))
     model(b["input_ids"], b["attention_mask"], b["pixel_values"], b["labels"]).loss_sum.backward()
     grad = model.vision.encoder.embed_tokens.weight.grad
@@ -150,10 +173,10 @@ def test_a_checkpoint_write_that_dies_leaves_the_previous_one(tmp_path, monkeypa
     model = train.build_model(args)
     model.set_stage("pretrain")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sampler = train.ResumableSampler(64, 1, 0)
+    sampler = ResumableSampler(64, 1, 0)
     state = {"stage": "pretrain", "step": 1, "sampler": sampler.state_dict(), "history": []}
     first = train.checkpoint_name("pretrain", 1)
-    train.save_checkpoint(tmp_path, first, model, optimizer, state, 0, 1, torch.device("cpu"), keep=2)
+    train.save_checkpoint(tmp_path, first, model, optimizer, state, Dist(), keep=2)
 
     def crash(*a, **k):
         raise OSError("disk died mid-save")
@@ -163,13 +186,12 @@ def test_a_checkpoint_write_that_dies_leaves_the_previous_one(tmp_path, monkeypa
             p.add_(1.0)
     with pytest.raises(OSError):
         train.save_checkpoint(tmp_path, train.checkpoint_name("pretrain", 2), model, optimizer,
-                              {**state, "step": 2}, 0, 1, torch.device("cpu"), keep=2)
+                              {**state, "step": 2}, Dist(), keep=2)
     found = train.find_checkpoint(tmp_path, "auto")
     assert found == tmp_path / first
     assert not (tmp_path / train.checkpoint_name("pretrain", 2)).exists()
     fresh = train.build_model(args)
-    trainer = train.load_checkpoint(found, fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-3), sampler, 0,
-                                    torch.device("cpu"))
+    trainer = train.load_checkpoint(found, fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-3), sampler, Dist())
     assert trainer["step"] == 1
     saved = read_weights(found / "model.safetensors")
     assert all(torch.equal(saved[k], v) for k, v in fresh.llava_state_dict().items())
@@ -216,10 +238,385 @@ def test_vision_stage_learns_to_name_the_cells_and_a_crash_after_it_does_not_red
     vision = [r for r in logged(straight) if r["stage"] == "vision"]
     assert [r["step"] for r in vision] == [10, 20, 30, 40]
     assert vision[-1]["loss"] < 0.8 * vision[0]["loss"], vision
-    died = run(tmp_path, args + ["--out", str(crashed)], env={"TRAIN_FAIL_AT": "0:1"}, check=False)
+    died = run(tmp_path, args + ["--out", str(crashed)], env={"FAIL_AT": "0:1"}, check=False)
     assert died.returncode != 0 and (crashed / "vision-stage0.safetensors").is_file()
     again = run(tmp_path, args + ["--out", str(crashed)])
     assert "vision stage: loaded" in again.stdout and "vision step" not in again.stdout
     first = {r["step"]: r["loss"] for r in logged(straight) if r["stage"] == "pretrain"}
     resumed = {r["step"]: r["loss"] for r in logged(crashed) if r["stage"] == "pretrain"}
     assert first == resumed
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: bad samples, non-finite steps, command line (in-process: train.main on the tiny model)
+
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    monkeypatch.setattr(train, "install_signal_handlers", lambda: None)  # leave pytest's SIGINT alone
+    monkeypatch.setitem(train.STOP, "signal", 0)
+    torch.set_num_threads(1)
+
+
+def log_records(out: Path) -> list:
+    return [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_bad_samples_are_skipped_and_counted_or_stop_with_strict(tmp_path, in_process, capsys):
+    write_images(tmp_path / "img")
+    good = [{"id": f"g{i}", "image": "rgb.jpg", "conversations": turns("<image>\nwhat is the word ?", "cat")}
+            for i in range(9)]
+    bad = [{"id": "b1", "image": "truncated.png", "conversations": turns("<image>\nwhat ?", "cat")},
+           {"id": "b2", "image": "missing.png", "conversations": turns("<image>\nwhat ?", "cat")}]
+    lines = [json.dumps(r) for r in good[:4] + bad[:1] + good[4:8] + bad[1:] + good[8:]] + ['{"id": "b3", oops']
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")  # 12 records; bad on lines 5, 10, 12
+    argv = ["--data", str(tmp_path / "d.jsonl"), "--images", str(tmp_path / "img"), "--steps", "2", "--threads", "1",
+            "--global-batch", "8", "--micro-batch", "4", "--log-every", "1", "--eval-samples", "0", "--resume", "none"]
+    train.main(argv + ["--out", str(tmp_path / "run")])  # does not crash
+    err = capsys.readouterr().err
+    for where in ("d.jsonl:5: cannot read image", "d.jsonl:10: cannot read image", "d.jsonl:12: invalid JSON"):
+        assert f"skipped bad sample: {tmp_path / where}" in err, err
+    n = err.count("skipped bad sample:")
+    recs = [r for r in log_records(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in recs] == [1, 2] and recs[-1]["bad_samples"] == n >= 3
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    with pytest.raises(SystemExit, match=r"bad sample \(--strict\): .*d\.jsonl:(5|10|12): "):
+        train.main(argv + ["--out", str(tmp_path / "strict"), "--strict"])
+
+
+def test_nonfinite_step_is_not_applied_and_named(tmp_path, in_process, monkeypatch):
+    import fusion
+    calls, seen = [0], []
+    forward, collate = fusion.FlorenceVL.forward, train.collate
+
+    def nan_on_step_2(self, *a, **k):  # micro-steps 3 and 4 are step 2's
+        out = forward(self, *a, **k)
+        calls[0] += 1
+        if calls[0] == 3:
+            out.loss_sum = out.loss_sum * float("nan")
+        return out
+
+    def recording_collate(items, pad_id):
+        b = collate(items, pad_id)
+        seen.append(b["ids"])
+        return b
+    monkeypatch.setattr(fusion.FlorenceVL, "forward", nan_on_step_2)
+    monkeypatch.setattr(train, "collate", recording_collate)
+    argv = TINY + ["--steps", "3", "--save-every", "1", "--keep", "5", "--resume", "none"]
+    with pytest.raises(SystemExit) as e:
+        train.main(argv + ["--out", str(tmp_path / "stop")])
+    msg = str(e.value)
+    assert msg.startswith("pretrain step 2: non-finite loss nan") and "the step was not applied" in msg
+    assert f"on samples {seen[2] + seen[3]}" in msg  # the ids of step 2's micro-batches
+    assert sorted(p.name for p in (tmp_path / "stop").glob("ckpt-*")) == ["ckpt-1-pretrain-000001"]
+    calls[0], seen[:] = 0, []
+    train.main(argv + ["--out", str(tmp_path / "skip"), "--skip-nonfinite", "1"])
+    recs = log_records(tmp_path / "skip")
+    assert any(r.get("nonfinite_skipped") == 1 and r["step"] == 2 for r in recs)
+    assert [r["step"] for r in recs if "loss" in r] == [1, 3]
+    w1, w2, w3 = (read_weights(tmp_path / "skip" / f"ckpt-1-pretrain-00000{s}" / "model.safetensors") for s in (1, 2, 3))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # step 2 changed nothing
+    assert not all(torch.equal(w1[k], w3[k]) for k in w1)  # step 3 trained again
+
+
+@pytest.mark.parametrize("extra, why", [
+    (("--global-batch", "10", "--micro-batch", "4"), "--global-batch 10 is not a multiple of micro-batch x ranks"),
+    (("--florence", "f", "--llm", "l", "--stage", "finetune"), "--stage finetune from --florence/--llm parts"),
+    (("--florence", "f"), "--florence and --llm go together"),
+    (("--resume", "{tmp}/nowhere"), "no trainer.json there"),
+    (("--data", "{tmp}/none.json"), "--data .*none.json: no such file"),
+    (("--steps", "0"), "must be positive"),
+    (("--synthetic-size", "64", "64", "64"), "one or two positive numbers"),
+    (("--synthetic-size", "0"), "one or two positive numbers"),
+    (("--vision-steps", "-1"), "--vision-steps must be >= 0"),
+    (("--tower-lr-scale", "-0.5"), "--tower-lr-scale must be >= 0"),
+    (("--threads", "0"), "--threads must be >= 1"),
+    (("--dtype", "bf16"), "this CPU has no bf16 support"),   # with a CPU made to say it has none
+])
+def test_impossible_settings_rejected_before_any_work(tmp_path, in_process, monkeypatch, extra, why):
+    built = []
+    monkeypatch.setattr(train, "build_model", lambda cfg: built.append(1))
+    monkeypatch.setattr(train, "cpu_supports_bf16", lambda: False)
+    with pytest.raises(SystemExit, match=why):
+        train.main(["--out", str(tmp_path / "o"), *(a.format(tmp=tmp_path) for a in extra)])
+    assert built == []  # nothing was built
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults in real processes: signals, ranks that die, SIGKILL while a checkpoint is written
+
+def run_train(out: Path, *extra, timeout=120):
+    return subprocess.run([PY, str(REPO / "train.py"), *TINY, "--out", str(out), *extra],
+                          capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def assert_same_run(ref: Path, run: Path, steps: int):
+    """The interrupted-and-resumed run in `run` ended with the uninterrupted one's weights and losses, bit for bit."""
+    a = read_weights(ref / "final" / "model.safetensors")
+    b = read_weights(run / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ref_loss = [r["loss"] for r in log_records(ref) if "loss" in r]
+    run_loss = {r["step"]: r["loss"] for r in log_records(run) if "loss" in r}
+    assert [run_loss[s] for s in range(1, steps + 1)] == ref_loss
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tmp_path):
+    steps = ["--steps", "24", "--save-every", "100", "--resume", "auto"]
+    ref = run_train(tmp_path / "ref", *steps)
+    assert ref.returncode == 0, ref.stderr
+    proc = subprocess.Popen([PY, str(REPO / "train.py"), *TINY, "--out", str(tmp_path / "run"), *steps],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "pretrain step     2/24" in line:
+            proc.send_signal(signal.SIGTERM)  # a real signal, mid-run
+            break
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err  # 128 + SIGTERM, after the checkpoint
+    stopped = [l for l in rest.splitlines() if l.startswith("stopped by a signal after pretrain step")]
+    assert stopped, rest
+    step = int(stopped[0].split("step ")[1].split(":")[0])
+    assert 2 <= step < 24 and (tmp_path / "run" / f"ckpt-1-pretrain-{step:06d}" / "trainer.json").is_file()
+    assert not (tmp_path / "run" / "final").exists()
+    resumed = run_train(tmp_path / "run", *steps)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed pretrain from {tmp_path / 'run' / f'ckpt-1-pretrain-{step:06d}'} at step {step}/24" in resumed.stdout
+    assert_same_run(tmp_path / "ref", tmp_path / "run", steps=24)
+
+
+def test_one_rank_raising_stops_every_rank(tmp_path):
+    t0 = time.time()
+    r = run(tmp_path, TINY + ["--steps", "4", "--resume", "none", "--out", str(tmp_path / "o")], nproc=2,
+            env={"FAIL_AT": "1:2"}, check=False)
+    assert r.returncode != 0 and time.time() - t0 < 120
+    assert "forced failure on rank 1 at step 2" in r.stderr
+    assert not (tmp_path / "o" / "final").exists()
+
+
+def test_threads_per_rank_do_not_oversubscribe_the_cores(tmp_path):
+    """OMP_NUM_THREADS=2 in the environment (clusters, CI images) with two ranks on this machine: each rank uses
+    the usable cores / 2 (1 on 2 cores), says so, and names the oversubscription it avoided; --threads wins."""
+    from train_dist import usable_cores
+    want = max(1, usable_cores() // 2)
+    tiny = TINY[:-2]  # without --threads 1
+    for extra, expected in (([], want), (["--threads", "2"], 2)):
+        seen = tmp_path / f"threads{expected}{len(extra)}"
+        seen.mkdir()
+        r = run(tmp_path, tiny + ["--steps", "1", "--resume", "none", "--out", str(seen / "o"), *extra], nproc=2,
+                env={"OMP_NUM_THREADS": "2", "THREADS": str(seen)}, threads=None)
+        assert {p.name: int(p.read_text()) for p in seen.glob("rank*")} == {"rank0": expected, "rank1": expected}
+        assert f"threads: {expected} per rank" in r.stdout
+        if not extra and usable_cores() < 4:
+            assert "OMP_NUM_THREADS=2 asks for 4 threads" in r.stdout and "oversubscribes" in r.stdout
+
+
+def torchrun(out: Path, *extra) -> list:
+    # --standalone: a free port for the rendezvous, so parallel runs on this machine do not collide
+    return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--monitor-interval=0.5",
+            str(REPO / "train.py"), *TINY, "--out", str(out), *extra]
+
+
+def worker_pids(parent: int) -> dict:
+    """rank -> pid of the children of `parent` (torchrun) that are training workers (RANK in their environment)."""
+    ranks = {}
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            if f"\nPPid:\t{parent}\n" not in status.read_text():
+                continue
+            env = dict(v.split(b"=", 1) for v in (status.parent / "environ").read_bytes().split(b"\0") if b"=" in v)
+        except OSError:  # gone meanwhile
+            continue
+        if b"RANK" in env:
+            ranks[int(env[b"RANK"])] = int(status.parent.name)
+    return ranks
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    steps = ["--steps", "24", "--save-every", "100", "--resume", "auto"]
+    ref = subprocess.run(torchrun(tmp_path / "ref", *steps), capture_output=True, text=True, env=ENV, timeout=120)
+    assert ref.returncode == 0, ref.stderr
+    proc = subprocess.Popen(torchrun(tmp_path / "run", *steps), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    ranks = {}
+    try:
+        for line in proc.stdout:  # rank 0 logs
+            if "pretrain step     2/24" in line:
+                ranks = worker_pids(proc.pid)
+                assert sorted(ranks) == [0, 1], ranks
+                os.kill(ranks[1], signal.SIGTERM)  # rank 1 only: rank 0 learns of it through the all-reduce
+                break
+        rest, err = proc.communicate(timeout=30)  # ranks that disagree hang in mismatched collectives
+    finally:
+        if proc.poll() is None:  # the test failed: leave no process behind (torchrun gives each worker a
+            for pid in [*ranks.values(), proc.pid]:  # session of its own, so kill them one by one)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+    # Each worker exits with 128 + SIGTERM = 143 after the checkpoint. torchrun counts any non-zero exit of a
+    # worker as a failure: it exits 1 and names each failed rank with its code in the report. Both ranks exit
+    # at about the same time, but torchrun may see only the first one (it stops the other itself), so the
+    # report is asserted to hold 143s and nothing else (a rank that went on alone would die of a broken
+    # all-reduce, with another code).
+    assert proc.returncode == 1, err
+    codes = [l.split(":")[1].split()[0] for l in err.splitlines() if l.strip().startswith("exitcode")]
+    assert codes and set(codes) == {"143"}, err
+    stopped = [l for l in rest.splitlines() if l.startswith("stopped by a signal after pretrain step")]
+    assert len(stopped) == 1, rest
+    step = int(stopped[0].split("step ")[1].split(":")[0])
+    assert 2 <= step < 24
+    # one checkpoint, for that step, saved by both ranks together (each writes its own RNG state into it)
+    assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(("ckpt-", ".tmp-", ".old-"))] == [
+        f"ckpt-1-pretrain-{step:06d}"]
+    ckpt = tmp_path / "run" / f"ckpt-1-pretrain-{step:06d}"
+    assert all((ckpt / f).is_file() for f in ("trainer.json", "rng-rank0.safetensors", "rng-rank1.safetensors"))
+    assert json.loads((ckpt / "trainer.json").read_text())["step"] == step
+    resumed = subprocess.run(torchrun(tmp_path / "run", *steps), capture_output=True, text=True, env=ENV, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed pretrain from {ckpt} at step {step}/24" in resumed.stdout
+    assert_same_run(tmp_path / "ref", tmp_path / "run", steps=24)
+
+
+KILLER = """
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+import train
+from train_dist import Dist, ResumableSampler
+torch.manual_seed(0)
+model = train.build_model(train.parse_args([]))
+opt = torch.optim.AdamW(model.parameters())
+sampler = ResumableSampler(64, 1, 0)
+out = train.Path({out!r})
+for _ in sys.stdin:  # each line: fork a writer (imports and model are paid for once), report how it ended
+    pid = os.fork()
+    if pid == 0:
+        try:
+            step = int((out / "latest").read_text().split("-")[-1]) if (out / "latest").exists() else 0
+            while True:
+                step += 1
+                with torch.no_grad():
+                    next(model.parameters()).fill_(step)  # the step is visible in the weights
+                train.save_checkpoint(out, train.checkpoint_name("pretrain", step), model, opt,
+                                      {{"stage": "pretrain", "step": step, "sampler": sampler.state_dict(),
+                                        "history": []}}, Dist(), keep=2)
+        finally:
+            os._exit(1)  # never back into the parent's loop
+    print(pid, flush=True)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)  # -9: killed by SIGKILL
+"""
+
+
+def test_sigkill_while_writing_checkpoints_never_loses_the_latest(tmp_path):
+    import random
+    out = tmp_path / "o"
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER.format(repo=str(REPO), out=str(out)))
+    rng, last, mid_write = random.Random(0), 0, 0
+    torch.manual_seed(0)
+    model = train.build_model(train.parse_args([]))
+    opt = torch.optim.AdamW(model.parameters())
+    name = next(model.named_parameters())[0]
+    server = subprocess.Popen([PY, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        for _ in range(20):  # 20 writer processes, each killed at a random moment of its save loop (~25 ms a save)
+            server.stdin.write("fork\n")
+            server.stdin.flush()
+            writer = int(server.stdout.readline())
+            time.sleep(rng.uniform(0.01, 0.3))
+            os.kill(writer, signal.SIGKILL)
+            assert int(server.stdout.readline()) == -signal.SIGKILL  # killed, not ended some other way
+            mid_write += any(out.glob(".tmp-*"))  # a checkpoint was half written
+            ckpt = train.find_checkpoint(out, "auto")
+            if ckpt is None:
+                continue
+            sampler = ResumableSampler(64, 1, 0)
+            trainer = train.load_checkpoint(ckpt, model, opt, sampler, Dist())
+            assert trainer["step"] >= last  # never goes back
+            last = trainer["step"]
+            assert torch.all(dict(model.named_parameters())[name] == last)
+    finally:
+        server.kill()
+        server.wait()
+    assert last > 0 and mid_write > 0  # writes completed, and kills did land inside one
+
+
+def test_the_tower_trains_at_its_own_share_of_the_lr_in_pretrain(tmp_path, monkeypatch):
+    import fusion
+    """Synthetic default: the tower's parameter group runs at 0.1x the lr (--tower-lr-scale overrides it)."""
+    made = []
+
+    class Recording(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            super().__init__(params, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    for extra, scale in (([], 0.1), (["--tower-lr-scale", "0.5"], 0.5)):
+        made.clear()
+        train.main(TINY + ["--steps", "2", "--resume", "none", "--out", str(tmp_path / f"r{scale}"), *extra])
+        model_groups = made[-1].param_groups
+        assert [g["lr_scale"] for g in model_groups] == [1.0, scale]
+        assert model_groups[1]["lr"] == pytest.approx(scale * model_groups[0]["lr"]) and model_groups[0]["lr"] > 0
+        n_tower = sum(p.numel() for p in model_groups[1]["params"])
+        final = fusion.FlorenceVL.from_pretrained(tmp_path / f"r{scale}" / "final")
+        assert n_tower == sum(p.numel() for p in final.vision.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampler (train_dist.ResumableSampler): each rank's share of the data, resumable mid-epoch
+
+def test_sampler_is_deterministic_per_seed_and_epoch():
+    a, b = ResumableSampler(50, 1, 0, seed=3), ResumableSampler(50, 1, 0, seed=3)
+    assert list(a) == list(b) and sorted(a) == list(range(50))
+    first = list(a)
+    a.set_epoch(1)
+    assert list(a) != first and sorted(a) == list(range(50))
+    assert list(ResumableSampler(50, 1, 0, seed=4)) != first
+    assert list(ResumableSampler(50, 1, 0, shuffle=False)) == list(range(50))
+
+
+@pytest.mark.parametrize('n, world', [(24, 4), (23, 4), (5, 3)])
+def test_ranks_get_disjoint_equal_shards_covering_the_data(n, world):
+    shards = [list(ResumableSampler(n, world, r, seed=1)) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1 and all(len(s) == len(ResumableSampler(n, world, r))
+                                                      for r, s in enumerate(shards))
+    everything = [i for s in shards for i in s]
+    assert sorted(set(everything)) == list(range(n))
+    assert len(everything) - n == -n % world  # duplicates only to pad the last round
+    trimmed = [list(ResumableSampler(n, world, r, seed=1, drop_last=True)) for r in range(world)]
+    flat = [i for s in trimmed for i in s]
+    assert len(flat) == len(set(flat)) == n - n % world and {len(s) for s in trimmed} == {n // world}
+
+
+def test_resume_from_position_continues_exactly():
+    n, world, batch = 23, 2, 3
+    full = {r: list(ResumableSampler(n, world, r, seed=7)) for r in range(world)}
+    for r in range(world):
+        s = ResumableSampler(n, world, r, seed=7)
+        s.set_epoch(0)
+        for _ in range(2):  # two steps done on every rank
+            s.advance(batch)
+        state = s.state_dict()
+        resumed = ResumableSampler(n, world, r, seed=0)
+        resumed.load_state_dict(state)
+        resumed.set_epoch(0)  # the loop's usual call must not rewind the restored epoch
+        assert list(resumed) == full[r][2 * batch:] and len(resumed) == len(full[r]) - 2 * batch
+        resumed.set_epoch(1)  # the next epoch starts at its beginning
+        fresh = ResumableSampler(n, world, r, seed=7)
+        fresh.set_epoch(1)
+        assert list(resumed) == list(fresh)
+
+
+def test_resume_on_another_world_size_sees_each_remaining_sample():
+    s = ResumableSampler(20, 2, 0, seed=2)
+    s.advance(4)  # 8 of 20 consumed over both ranks
+    state = s.state_dict()
+    consumed = [i for r in range(2) for i in list(ResumableSampler(20, 2, r, seed=2))[:4]]
+    rest = []
+    for r in range(3):
+        t = ResumableSampler(20, 3, r)
+        t.load_state_dict(state)
+        rest += list(t)
+    remaining = set(range(20)) - set(consumed)
+    assert set(rest) >= remaining and len(rest) - len(remaining) < 3  # beyond the rest: padding only
