@@ -386,7 +386,6 @@ class FlorenceVL(nn.Module):
         config = json.loads((folder / ADAPTER_CONFIG).read_text())
         model = cls.from_pretrained(config["base_model"], dtype=dtype, tower=tower, quantize=quantize)
         load_adapter_(model, folder)
-        model.template = config.get("template") or model.template
         model.tower_note = f"{model.tower_note}; LoRA adapter {folder}"
         return model.eval()
 

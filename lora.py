@@ -110,8 +110,9 @@ def save_adapter(model, folder, base: str, state_dict: dict | None = None):
     save_safetensors({k: v.detach().cpu().contiguous() for k, v in sd.items()}, folder / ADAPTER_FILE)
     if model.tokenizer is not None:
         model.tokenizer.save(folder)
+    # how the adapter was trained to see its inputs: a base from stage 1 says plain / square, stage 2 is not
     config = {"base_model": str(base), "r": layer.r, "alpha": layer.scaling * layer.r, "dropout": layer.dropout,
-              "targets": targets, "template": model.template}
+              "targets": targets, "template": model.template, "image_aspect_ratio": model.cfg.image_aspect_ratio}
     write_text_atomic(folder / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
 
 
@@ -128,6 +129,9 @@ def load_adapter_(model, folder) -> dict:
         raise CheckpointError(f"{folder / ADAPTER_FILE} does not fit the model: missing {missing[:5]}, unexpected "
                               f"{unexpected[:5]}")
     model.load_state_dict(sd, strict=False)  # only the adapter's keys; checked above
+    # the adapter's template and image handling, not its base's (a stage-1 base says plain / square)
+    model.template = model.cfg.template = config.get("template") or model.template
+    model.cfg.image_aspect_ratio = config.get("image_aspect_ratio", model.cfg.image_aspect_ratio)
     return config
 
 

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import PROMPT_STYLES, DataError, LLaVADataset, collate
-from fusion import IGNORE_INDEX, FlorenceVL
+from fusion import IGNORE_INDEX, TEMPLATE_OF, FlorenceVL
 from lora import TARGETS, add_lora_, is_lora, merge_lora_, save_adapter, set_trainable_, trainable_summary
 from schedule import lr_at
 from synthetic import PAD_TOKEN
@@ -289,10 +289,18 @@ def base_model(cfg: TrainConfig) -> str:
     return str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model
 
 
+def stage_template(model: FlorenceVL, stage: str) -> str:
+    """Pretraining speaks the plain template; instruction tuning the model's chat template, also when it starts
+    from a pretrain checkpoint, whose config says plain (the official recipe's --version phi3 / llama3)."""
+    if stage == "pretrain":
+        return "plain"
+    return model.template if model.template != "plain" else TEMPLATE_OF[model.cfg.llm.family]
+
+
 def stage_dataset(cfg: TrainConfig, task, model: FlorenceVL, stage: str):
     """The stage's data as the recipe sees it: plain template and images resized to a square for pretraining,
     the model's chat template and padded images for finetuning."""
-    template = "plain" if stage == "pretrain" else model.template
+    template = stage_template(model, stage)
     return task.dataset(model, stage, tokenizer=model.tokenizer, template=template, max_len=cfg.max_len,
                         size=model.cfg.vision.image_size, num_image_tokens=model.num_visual_tokens,
                         pad_to_square=stage == "finetune", style=cfg.prompt_style)
@@ -543,6 +551,7 @@ def finish(cfg: TrainConfig, model: FlorenceVL, task, stages: list, history: lis
         finetuned = stages[-1] == "finetune"
         model.cfg.image_aspect_ratio = "pad" if finetuned else "square"
         model.cfg.template = None if finetuned else "plain"
+        model.template = stage_template(model, stages[-1])  # what the held-out score below asks in
         if is_lora(model):  # the adapter; --merge: also the merged model, read back from base + adapter
             save_adapter(model, out / "final", base_model(cfg), model_sd)
             if cfg.merge:

@@ -118,10 +118,13 @@ LORA = ["--stage", "finetune", "--lora", "4", "--synthetic-size", "64", "--globa
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A tiny Florence-VL checkpoint to fine-tune (random weights)."""
+    """A tiny Florence-VL checkpoint to fine-tune (random weights), saved as stage 1 saves one: plain template,
+    images resized to a square; stage 2 must still speak the chat template and pad."""
     folder = tmp_path_factory.mktemp("lora-base") / "base"
     torch.manual_seed(0)
-    train.tiny_model().save_pretrained(folder)
+    model = train.tiny_model()
+    model.cfg.template, model.cfg.image_aspect_ratio = "plain", "square"
+    model.save_pretrained(folder)
     return folder
 
 
@@ -146,6 +149,10 @@ def test_lora_run_trains_only_its_adapter_resumes_bit_for_bit_and_merges(tmp_pat
     # the adapter folder and the merged checkpoint (official layout) answer the same
     adapter, merged = FlorenceVL.from_pretrained(straight / "final"), FlorenceVL.from_pretrained(straight / "merged")
     assert lora.is_lora(adapter) and not lora.is_lora(merged) and (straight / "merged" / "config.json").is_file()
+    # trained as stage 2 on a stage-1 base: both answer in the chat template, on padded images
+    assert FlorenceVL.from_pretrained(base).template == "plain"
+    assert adapter.template == merged.template == "phi3"
+    assert adapter.cfg.image_aspect_ratio == merged.cfg.image_aspect_ratio == "pad"
     ids, pixels, _ = inputs()
     pixels = torch.nn.functional.interpolate(pixels, size=96)
     assert (logits(adapter, ids, pixels) - logits(merged, ids, pixels)).abs().max() <= 1e-5

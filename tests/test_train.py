@@ -620,3 +620,22 @@ def test_resume_on_another_world_size_sees_each_remaining_sample():
         rest += list(t)
     remaining = set(range(20)) - set(consumed)
     assert set(rest) >= remaining and len(rest) - len(remaining) < 3  # beyond the rest: padding only
+
+
+def test_finetune_from_a_pretrain_checkpoint_speaks_the_chat_template(tmp_path):
+    """A stage-1 checkpoint's config says plain (and square); stage 2 from it trains in the LLM's chat template,
+    as the official recipe does (--version phi3 / llama3), and its final model says so."""
+    torch.manual_seed(0)
+    model = train.tiny_model()
+    model.cfg.template, model.cfg.image_aspect_ratio = "plain", "square"
+    model.save_pretrained(tmp_path / "pre")
+    pre = train.FlorenceVL.from_pretrained(tmp_path / "pre")
+    assert pre.template == "plain" and train.stage_template(pre, "pretrain") == "plain"
+    assert train.stage_template(pre, "finetune") == "phi3"
+    cfg = train.parse_args(["--model", str(tmp_path / "pre"), "--stage", "finetune", "--synthetic-size", "8"])
+    data = train.stage_dataset(cfg, train.SyntheticTask(cfg), pre, "finetune")
+    assert data.template_name == "phi3"
+    run(tmp_path, TINY[:-6] + ["--model", str(tmp_path / "pre"), "--stage", "finetune", "--steps", "1",
+                               "--synthetic-size", "8", "--resume", "none", "--out", str(tmp_path / "ft")])
+    final = train.FlorenceVL.from_pretrained(tmp_path / "ft" / "final")
+    assert final.template == "phi3" and final.cfg.image_aspect_ratio == "pad"
