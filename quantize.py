@@ -50,6 +50,8 @@ def quantize_weight(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> tupl
     w = w.detach()
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     scale = torch.empty(w.shape[0], dtype=dtype, device=w.device)
+    if w.device.type == "meta":  # shapes only (a model sized on the meta device): no blocks to walk
+        return q, scale
     step = max(1, BLOCK_ELEMENTS // max(w.shape[1], 1))  # rows at a time: the fp32 working copy stays small
     for i in range(0, w.shape[0], step):
         block = w[i:i + step].to(torch.float32, copy=True)  # exact for bf16 / fp16
