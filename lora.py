@@ -154,16 +154,124 @@ def trainable_summary(model, params: list) -> str:
             f"{state / 2**20:.1f} MiB")
 
 
+# ---- how much memory a LoRA step needs on one GPU, from the shapes ---------------------------------------
+def saved_bytes(fn, exclude: set) -> tuple[int, object]:
+    """(bytes of the tensors autograd saves for backward while fn() runs, fn's result): each storage once
+    (views share theirs), storages in `exclude` (the weights, resident anyway) left out."""
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in exclude:
+            seen[storage._cdata] = storage.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def block_bytes_per_token(llm_cfg, r: int, targets=TARGETS, dtype=torch.bfloat16, tokens=(16, 32)) -> float:
+    """Activation bytes one LLM block saves for backward per token, with LoRA (base frozen, in dtype), measured on
+    a real block of the real width on the CPU (uninitialised weights: only sizes matter) at two lengths, as the
+    slope (the constant part, LoRA's casts of A and B, drops out). The CPU's SDPA kernel, like CUDA's flash and
+    memory-efficient ones, saves the output and a log-sum-exp per query: linear in the tokens. The rotary tables,
+    computed once for all blocks, are left out (2 x head_dim values per token)."""
+    from model import LLM
+    cfg = type(llm_cfg)(**{**llm_cfg.__dict__, "n_layers": 1})
+    with torch.device("meta"):
+        llm = LLM(cfg)
+    llm = llm.to_empty(device="cpu").to(dtype)
+    llm.rotary = type(llm.rotary)(cfg)  # its tables are computed, not loaded: build them for real
+    add_lora_(llm, r, 2.0 * r, 0.05, targets)
+    llm.requires_grad_(False)
+    for m in llm.modules():
+        if isinstance(m, LoRALinear):
+            m.lora_A.requires_grad_(True)
+            m.lora_B.requires_grad_(True)
+    llm.train()
+    weights = {t.untyped_storage()._cdata for t in [*llm.parameters(), *llm.buffers()]}
+    sizes = []
+    for T in tokens:
+        x = torch.zeros(1, T, cfg.hidden_size, dtype=dtype, requires_grad=True)
+        cos, sin = llm.rotary(torch.arange(T)[None], dtype, False)  # shared by the blocks: not counted here
+        shared = {cos.untyped_storage()._cdata, sin.untyped_storage()._cdata}
+        sizes.append(saved_bytes(lambda: llm.layers[0](x, cos, sin, None, True), weights | shared)[0])
+    return (sizes[1] - sizes[0]) / (tokens[1] - tokens[0])
+
+
+def memory_plan(cfg, r: int = 16, targets=TARGETS, quantize: str | None = None, micro_batch: int = 1,
+                tokens: int = 2048, supervised: int = 512, checkpointing: bool = True) -> list[tuple[str, int]]:
+    """(what, bytes) of one stage-2 LoRA step as train.py runs it on a GPU (--lora r, bf16): the model built on
+    the meta device for the weights and the trainable state, a real block measured for the activations
+    (block_bytes_per_token), the loss by formula. micro_batch samples of `tokens` tokens (visual ones included),
+    `supervised` of them supervised. Not counted: the frozen tower's forward (it saves nothing; its transient
+    intermediates are tens of MB per image), the CUDA context and the allocator's slack (~1 GB together)."""
+    from fusion import FlorenceVL
+    from quantize import quantize_llm_
+    with torch.device("meta"):
+        model = FlorenceVL(cfg)
+    model.to(torch.bfloat16)
+    if quantize:
+        quantize_llm_(model.llm, torch.bfloat16)
+    add_lora_(model.llm, r, 2.0 * r, 0.0, targets)
+    model.mm_projector.float()
+    trainable = set_trainable_(model)
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
+    frozen_llm = [t for n, t in [*model.llm.named_parameters(), *model.llm.named_buffers()] if ".lora_" not in n]
+    n_train, n_lora = sum(p.numel() for p in trainable), sum(p.numel() for n, p in model.named_parameters()
+                                                              if ".lora_" in n)
+    llm, T = cfg.llm, micro_batch * tokens
+    block = block_bytes_per_token(llm, r, targets)
+    if checkpointing:  # each block keeps its input; one block at a time is recomputed in backward
+        activations = llm.n_layers * T * llm.hidden_size * 2 + block * T
+    else:
+        activations = llm.n_layers * block * T
+    # the loss over the supervised positions: bf16 logits, their fp32 copy and log-softmax in the forward, then
+    # the saved log-softmax with its fp32 and bf16 gradients in the backward: ~10 bytes per logit at the peak
+    loss = micro_batch * supervised * llm.vocab_size * 10
+    return [(f"LLM base weights, frozen ({quantize or 'bf16'})", nbytes(frozen_llm)),
+            ("vision tower, frozen (bf16)", nbytes([*model.vision.parameters(), *model.vision.buffers()])),
+            (f"trainable: {n_lora / 1e6:.1f}M LoRA (r={r}) + {(n_train - n_lora) / 1e6:.1f}M projector, fp32",
+             4 * n_train),
+            ("their gradients (fp32)", 4 * n_train),
+            ("AdamW moments (2 x fp32)", 8 * n_train),
+            (f"activations, {micro_batch} x {tokens} tokens ({'with' if checkpointing else 'without'} activation "
+             f"checkpointing; {block / 2**10:.0f} KiB per token per block)", int(activations)),
+            (f"loss over {micro_batch} x {supervised} supervised tokens (vocabulary {llm.vocab_size:,})", loss)]
+
+
+def print_plan(rows: list, title: str):
+    print(title)
+    for what, b in rows:
+        print(f"  {b / 2**30:7.2f} GiB  {what}")
+    print(f"  {sum(b for _, b in rows) / 2**30:7.2f} GiB  in all (+ ~1 GiB of CUDA context and allocator slack)")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base model: a plain Florence-VL "
-                                            "checkpoint in the official layout.")
+    p = argparse.ArgumentParser(description="LoRA adapters: merge one into its base model (a plain Florence-VL "
+                                            "checkpoint in the official layout), or plan the memory of a LoRA run.")
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("merge", help="adapter folder -> merged checkpoint")
     m.add_argument("adapter", help="a folder with adapter.safetensors and adapter_config.json")
     m.add_argument("--out", required=True, help="where to write the merged checkpoint")
     m.add_argument("--base", help="the base model (default: the one adapter_config.json names)")
+    q = sub.add_parser("plan", help="GPU memory of one stage-2 LoRA step (train.py --lora R), from the shapes")
+    q.add_argument("--model", default="florence-vl-8b", choices=["florence-vl-3b", "florence-vl-8b"])
+    q.add_argument("--lora", type=int, default=16, help="the rank r")
+    q.add_argument("--quantize", choices=["int8"], help="the frozen base LLM held as int8")
+    q.add_argument("--micro-batch", type=int, default=1)
+    q.add_argument("--tokens", type=int, default=2048, help="tokens per sample, the 577 visual ones included")
+    q.add_argument("--supervised", type=int, default=512, help="supervised (answer) tokens per sample")
+    q.add_argument("--no-checkpointing", action="store_true", help="without --activation-checkpointing")
     args = p.parse_args(argv)
-    from fusion import FlorenceVL
+    from fusion import FlorenceVL, FlorenceVLConfig
+    if args.command == "plan":
+        rows = memory_plan(FlorenceVLConfig.from_name(args.model), args.lora, quantize=args.quantize,
+                           micro_batch=args.micro_batch, tokens=args.tokens, supervised=args.supervised,
+                           checkpointing=not args.no_checkpointing)
+        print_plan(rows, f"{args.model}, train.py --lora {args.lora}" + (" --quantize int8" if args.quantize else "")
+                   + f" --micro-batch {args.micro_batch}: one step on one GPU")
+        return
     model = FlorenceVL.from_pretrained(args.adapter if args.base is None else args.base)
     if args.base is not None:
         load_adapter_(model, args.adapter)

@@ -5,6 +5,7 @@ model's logits; only the LoRA pairs and the projector get gradients and sit in t
 after a checkpoint resumes bit for bit; DDP (2 ranks = 1 rank x 2 micro-steps) and FSDP2 agree; the adapter
 folder loads on its own and merges into the official layout."""
 import json
+import types
 
 import pytest
 import torch
@@ -192,3 +193,61 @@ def test_merge_cli_writes_the_official_layout(tmp_path, base):
     ids, pixels, _ = inputs()
     pixels = torch.nn.functional.interpolate(pixels, size=96)
     assert (logits(merged, ids, pixels) - logits(model.eval(), ids, pixels)).abs().max() <= 1e-5
+
+
+# ---- lora.py plan: the memory of a LoRA step, from the shapes ----------------------------------------------
+def test_memory_plan_counts_what_a_real_model_holds():
+    """The plan builds the model on the meta device; the same model built for real holds the same bytes, and its
+    trainable state is 16 bytes per trainable parameter (fp32 weight, gradient, two AdamW moments)."""
+    cfg = FlorenceVLConfig.from_name("tiny")
+    rows = dict(lora.memory_plan(cfg, r=4, micro_batch=2, tokens=64, supervised=16))
+    real = FlorenceVL(cfg).to(torch.bfloat16)
+    lora.add_lora_(real.llm, 4, 8.0, 0.0)
+    real.mm_projector.float()
+    trainable = lora.set_trainable_(real)
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
+    (base, b), (tower, t), (state, s), (_, g), (_, adam), (act, a), (loss, l) = rows.items()
+    assert b == nbytes([p for n, p in [*real.llm.named_parameters(), *real.llm.named_buffers()] if ".lora_" not in n])
+    assert t == nbytes([*real.vision.parameters(), *real.vision.buffers()])
+    assert s == g == adam / 2 == 4 * sum(p.numel() for p in trainable)
+    assert l == 2 * 16 * cfg.llm.vocab_size * 10 and "with activation checkpointing" in act
+    # without checkpointing every block keeps its activations: more, by the number of blocks
+    no_ckpt = dict(lora.memory_plan(cfg, r=4, micro_batch=2, tokens=64, supervised=16, checkpointing=False))
+    assert list(no_ckpt.values())[5] > a
+
+
+def test_block_activation_slope_predicts_a_real_forward():
+    """block_bytes_per_token (one block, measured at 16 and 32 tokens) predicts how what a whole 2-block LoRA LLM
+    saves for backward grows with the tokens (measured at 64 and 96): 2 blocks' worth per token, plus the final
+    norm's and the rotary tables', exactly. What does not grow with the tokens (LoRA's casts of A and B) is not in the slope."""
+    from model import LLM
+    cfg = LLMConfig.from_name("tiny", family="phi3", hidden_size=128, intermediate_size=256, n_heads=4,
+                              n_kv_heads=2, n_layers=2, vocab_size=512)
+    per_token = lora.block_bytes_per_token(cfg, 4)
+    llm = LLM(cfg).to(torch.bfloat16)
+    lora.add_lora_(llm, 4, 8.0, 0.05)
+    lora.set_trainable_(types.SimpleNamespace(requires_grad_=llm.requires_grad_, llm=llm,
+                                              mm_projector=torch.nn.Identity(), parameters=llm.parameters))
+    llm.train()
+    weights = {t.untyped_storage()._cdata for t in [*llm.parameters(), *llm.buffers()]}
+
+    def growth(fn):  # saved bytes per token, from 64 to 96 tokens
+        sizes = []
+        for T in (64, 96):
+            x = torch.zeros(1, T, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+            sizes.append(lora.saved_bytes(lambda: fn(x), weights)[0])
+        return (sizes[1] - sizes[0]) / 32
+    whole, norm = growth(lambda x: llm(inputs_embeds=x, return_hidden=True)), growth(llm.norm)
+    rope = 2 * cfg.head_dim * 2  # cos and sin in bf16, computed once for both blocks
+    print(f"\nper token: whole LLM {whole:.0f} bytes; predicted 2 x {per_token:.0f} + final norm {norm:.0f} + "
+          f"rotary tables {rope}")
+    assert per_token > 0 and whole == 2 * per_token + norm + rope
+    # negative control: a block that saves more per token (a wider MLP) is not predicted by this slope
+    wide = lora.block_bytes_per_token(type(cfg)(**{**cfg.__dict__, "intermediate_size": 512}), 4)
+    assert abs(whole - (2 * wide + norm)) > 0.05 * whole
+
+
+def test_memory_plan_cli_for_the_8b(capsys):
+    lora.main(["plan", "--model", "florence-vl-8b", "--lora", "16"])
+    out = capsys.readouterr().out
+    assert "14.96 GiB  LLM base weights, frozen (bf16)" in out and "in all" in out  # 8,030,261,248 x 2 bytes
