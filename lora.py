@@ -229,6 +229,10 @@ def memory_plan(cfg, r: int = 16, targets=TARGETS, quantize: str | None = None, 
     # the loss over the supervised positions: bf16 logits, their fp32 copy and log-softmax in the forward, then
     # the saved log-softmax with its fp32 and bf16 gradients in the backward: ~10 bytes per logit at the peak
     loss = micro_batch * supervised * llm.vocab_size * 10
+    rows = []
+    if quantize:  # each int8 Linear is dequantized to bf16 for its matmul, one at a time (quantize.DequantizedLinear)
+        largest = max(m.weight.numel() for m in model.llm.modules() if isinstance(m, Int8Linear))
+        rows.append(("the largest int8 weight dequantized for its matmul (bf16, transient)", 2 * largest))
     return [(f"LLM base weights, frozen ({quantize or 'bf16'})", nbytes(frozen_llm)),
             ("vision tower, frozen (bf16)", nbytes([*model.vision.parameters(), *model.vision.buffers()])),
             (f"trainable: {n_lora / 1e6:.1f}M LoRA (r={r}) + {(n_train - n_lora) / 1e6:.1f}M projector, fp32",
@@ -237,7 +241,8 @@ def memory_plan(cfg, r: int = 16, targets=TARGETS, quantize: str | None = None, 
             ("AdamW moments (2 x fp32)", 8 * n_train),
             (f"activations, {micro_batch} x {tokens} tokens ({'with' if checkpointing else 'without'} activation "
              f"checkpointing; {block / 2**10:.0f} KiB per token per block)", int(activations)),
-            (f"loss over {micro_batch} x {supervised} supervised tokens (vocabulary {llm.vocab_size:,})", loss)]
+            (f"loss over {micro_batch} x {supervised} supervised tokens (vocabulary {llm.vocab_size:,})", loss),
+            *rows]
 
 
 def print_plan(rows: list, title: str):

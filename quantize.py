@@ -97,10 +97,29 @@ class Int8Linear(nn.Module):
         if self.use_kernel(x2):
             return torch._weight_int8pack_mm(x2, self.weight, scale).view(*x.shape[:-1], self.out_features)
         # int8 -> bf16/fp16/fp32 is exact (|q| <= 127), so this is the float Linear on q, rescaled per row
+        if torch.is_grad_enabled() and x.requires_grad:  # LoRA over a frozen int8 base: see DequantizedLinear
+            return DequantizedLinear.apply(x, self.weight, scale)
         return F.linear(x, self.weight.to(x.dtype)) * scale
 
     def extra_repr(self) -> str:
         return f'in_features={self.in_features}, out_features={self.out_features}, scale={self.scale.dtype}'
+
+
+class DequantizedLinear(torch.autograd.Function):
+    """y = (x @ q.T) * scale with a gradient for x only (the int8 weight is frozen). F.linear on the dequantized
+    weight would save that float copy for backward: a whole bf16 LLM's worth of saved tensors over a LoRA
+    forward, the memory int8 was meant to save. Here backward dequantizes again (QLoRA's trade: one more
+    conversion per Linear) and nothing but the resident q and scale is kept."""
+
+    @staticmethod
+    def forward(ctx, x, q, scale):
+        ctx.save_for_backward(q, scale)
+        return F.linear(x, q.to(x.dtype)) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, scale = ctx.saved_tensors
+        return (grad * scale) @ q.to(grad.dtype), None, None
 
 
 def int8_linear_names(llm: nn.Module) -> list[str]:

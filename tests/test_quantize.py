@@ -300,3 +300,23 @@ def test_loading_to_int8_equals_quantizing_the_loaded_model(family, tmp_path):
     a, b = lazy.state_dict(), eager.state_dict()
     assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
     assert isinstance(lazy.layers[0].self_attn.qkv_proj, Int8Linear)
+
+
+def test_a_frozen_int8_linear_passes_gradients_without_saving_a_float_weight():
+    """LoRA over an int8 base: the gradient reaching x equals the float path's, and what autograd keeps for
+    backward is the int8 weight and its scale (resident anyway), not a dequantized copy per Linear."""
+    import lora
+    torch.manual_seed(0)
+    w = torch.randn(96, 64, dtype=torch.bfloat16)
+    m = Int8Linear.from_weight(w, torch.bfloat16)
+    x = torch.randn(5, 64, dtype=torch.bfloat16, requires_grad=True)
+    resident = {t.untyped_storage()._cdata for t in m.buffers()}
+    saved, y = lora.saved_bytes(lambda: m(x), resident)
+    y.float().square().sum().backward()
+    dequantized = m.weight.to(torch.bfloat16) * m.scale[:, None]
+    x2 = x.detach().clone().requires_grad_(True)
+    (x2 @ dequantized.T).float().square().sum().backward()
+    assert saved == 0 and (x.grad.float() - x2.grad.float()).abs().max() <= 1e-2 * x2.grad.float().abs().max()
+    # negative control: the float path saves the dequantized weight (96 x 64 bf16)
+    plain, _ = lora.saved_bytes(lambda: torch.nn.functional.linear(x, m.weight.to(x.dtype)) * m.scale, resident)
+    assert plain >= 96 * 64 * 2
