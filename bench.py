@@ -28,8 +28,10 @@ ratio ours / reference (lower is better). What each reference computes:
 4  data-parallel scaling of train.py's default (torchrun, gloo): tokens/s with 2 processes vs 1, each
    process with --threads intra-op threads, from train.py's own JSONL log.
 5  (CUDA only) bf16 training MFU of a Phi-3.5-mini-wide decoder (as many layers as fit, autocast over
-   fp32 weights + fused AdamW, as train.py does), FLOPs from torch.utils.flop_counter; and batch-1
-   decode tokens/s as a share of the memory-bandwidth roofline.
+   fp32 weights + fused AdamW, as train.py does), FLOPs from torch.utils.flop_counter; batch-1 decode
+   tokens/s as a share of the memory-bandwidth roofline, eager and through generate.compile_decode (CUDA
+   graphs); time to first token of Florence-VL-3B (one 768 px image + a 30-token question). --dry-run runs
+   it on the CPU at tiny sizes (device_check.py --device cpu); --json writes its figures.
 
 6  (CPU, bench_real.py) Florence-VL-3B at its real shapes, bf16: Florence-2-large tower at 768 px, Phi-3.5-mini
    with all 32 layers, random weights. Time to first token (TTFT) of one image + a 30-token question (617
@@ -83,7 +85,7 @@ REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 from florence_encoder import FlorenceConfig, FlorenceVision, prompt_ids  # noqa: E402
 from fusion import IGNORE_INDEX, IMAGE_TOKEN_INDEX, FlorenceVL, FlorenceVLConfig  # noqa: E402
-from generate import generate  # noqa: E402
+from generate import compile_decode, generate  # noqa: E402
 from model import LLM, PHI35_LONG_FACTOR, PHI35_SHORT_FACTOR, LLMConfig  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))  # the reference side is built as in the parity tests
@@ -443,58 +445,130 @@ def measure_training(cfg: LLMConfig, B: int, T: int, args, device):
 
 
 @torch.no_grad()
-def measure_decode(cfg: LLMConfig, prompt: int, n: int, args, device):
+def measure_decode(cfg: LLMConfig, prompt: int, n: int, args, device, compiled: bool = False):
     """(seconds per decode step at batch 1, bytes it must read: every weight but the embedding table, and
-    the KV cache at the mean context) for our LLM in bf16."""
+    the KV cache at the mean context) for our LLM in bf16. compiled: the steps through generate.compile_decode
+    (on CUDA as CUDA graphs, mode reduce-overhead), compiled in the warm-up round (at least one)."""
     torch.manual_seed(0)
     with device:
         llm = LLM(cfg).to(torch.bfloat16).eval()
     ids = torch.randint(0, cfg.vocab_size, (1, prompt), device=device)
-    t = race({"prefill+1": lambda: generate(llm, ids, max_new_tokens=1, stop_ids=()),
-              f"prefill+{n + 1}": lambda: generate(llm, ids, max_new_tokens=n + 1, stop_ids=())},
-             args.repeats, args.warmup, device)
+    decode = compile_decode(llm, "reduce-overhead" if device.type == "cuda" else None) if compiled else None
+    t = race({"prefill+1": lambda: generate(llm, ids, max_new_tokens=1, stop_ids=(), decode=decode),
+              f"prefill+{n + 1}": lambda: generate(llm, ids, max_new_tokens=n + 1, stop_ids=(), decode=decode)},
+             args.repeats, max(args.warmup, int(compiled)), device)
     per_token = (t[f"prefill+{n + 1}"] - t["prefill+1"]) / n
     weights = sum(p.numel() * p.element_size() for name, p in llm.named_parameters() if name != "embed_tokens.weight")
     kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2 * (prompt + 1 + n / 2)  # k and v in bf16
     return per_token, weights, kv
 
 
-def case_gpu(args, device):
-    """MFU of bf16 training and decode share of the bandwidth roofline (CUDA only)."""
-    name = torch.cuda.get_device_name(device)
-    bandwidth = next((v for k, v in PEAK_BANDWIDTH.items() if k in name), PEAK_BANDWIDTH["H100"])
-    print(f"case 5: {name}; assumed peaks: {PEAK_BF16_FLOPS / 1e12:.0f} TFLOP/s dense bf16, "
-          f"{bandwidth / 1e12:.2f} TB/s memory bandwidth (SXM figures)")
-    rows = []
-    B, T = args.mfu_batch, args.mfu_seq
-    for L in args.mfu_layers:  # the deepest Phi-3.5-mini-wide decoder that fits
-        torch.cuda.reset_peak_memory_stats(device)
+@torch.no_grad()
+def measure_ttft(preset: str, args, device) -> tuple[float, int]:
+    """(median seconds, prompt tokens) to the first token of one answer: one image at the preset's size and a
+    30-token question through the whole prompt path (vision features for the three prompts, projector, splice,
+    LLM prefill, first token), random weights in bf16."""
+    import bench_real  # its prompt and pixels, as in case 6
+    cfg = FlorenceVLConfig.from_name(preset)
+    torch.manual_seed(0)
+    with device:  # initialised where it runs
+        model = FlorenceVL(cfg).to(torch.bfloat16).eval()
+    ids = bench_real.real_prompt(cfg.llm.vocab_size).to(device)
+    pixels = bench_real.real_pixels(cfg.vision.image_size).to(device)
+    t = race({"first token": lambda: model.generate(ids, torch.ones_like(ids), pixels, max_new_tokens=1, stop_ids=())},
+             args.repeats, args.warmup, device)["first token"]
+    return t, ids.shape[1] - 1 + model.num_visual_tokens
+
+
+def case5_plan(args) -> dict:
+    """Case 5's sizes: the real ones on CUDA; with --dry-run (device_check.py --device cpu) tiny ones, to run
+    the same code on the CPU in seconds."""
+    if args.dry_run:
+        return dict(llm="tiny-phi3", layers=[2], batch=2, seq=64, prompt=16, tokens=8, ttft="tiny")
+    return dict(llm="phi3.5-mini", layers=args.mfu_layers, batch=args.mfu_batch, seq=args.mfu_seq, prompt=128,
+                tokens=args.decode_tokens, ttft="florence-vl-3b")
+
+
+def free_memory(device):
+    gc.collect()  # a failed attempt's model, once its traceback is gone
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def assumed_bandwidth(device) -> tuple[str, float]:
+    """(the machine's name, the memory bandwidth assumed for it: an H100's unless it is an H200)."""
+    name = machine(device)
+    return name, next((v for k, v in PEAK_BANDWIDTH.items() if k in name), PEAK_BANDWIDTH["H100"])
+
+
+def case5_figures(args, device) -> dict:
+    """The numbers behind case 5's rows (and device_check.py's JSON): training MFU, decode (eager and compiled)
+    against the bandwidth roofline, time to first token."""
+    plan = case5_plan(args)
+    name, bandwidth = assumed_bandwidth(device)
+    fig = dict(device=name, plan=plan, assumed_peak_flops=PEAK_BF16_FLOPS, assumed_bandwidth=bandwidth)
+    B, T = plan["batch"], plan["seq"]
+    for L in plan["layers"]:  # the deepest Phi-3.5-mini-wide decoder that fits
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         try:
-            flops, t = measure_training(LLMConfig.from_name("phi3.5-mini", n_layers=L), B, T, args, device)
+            flops, t = measure_training(LLMConfig.from_name(plan["llm"], n_layers=L), B, T, args, device)
         except torch.cuda.OutOfMemoryError:
             flops = None
-        gc.collect()  # the failed attempt's model, once its traceback is gone
-        torch.cuda.empty_cache()
+        free_memory(device)
         if flops is None:
             print(f"    training: {L} layers do not fit")
             continue
-        mfu = flops / t / PEAK_BF16_FLOPS
-        print(f"    training: {L} layers, {B}x{T} tokens, {flops / 1e12:.1f} TFLOP per step (fwd + bwd), "
-              f"{flops / t / 1e12:.0f} TFLOP/s, peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
-        rows.append(("5", f"bf16 training MFU, {L}-layer Phi-3.5-mini width, {B}x{T} tokens, step incl. AdamW",
-                     f"{mfu:.1%} ({flops / t / 1e12:.0f} TFLOP/s)", "-", "-", ">= 50%", "yes" if mfu >= 0.5 else "no"))
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        fig["training"] = dict(layers=L, batch=B, seq=T, flops_per_step=flops, step_s=t, tflops=flops / t / 1e12,
+                               mfu=flops / t / PEAK_BF16_FLOPS, peak_memory=peak)
         break
-    torch.cuda.empty_cache()
+    from torch._dynamo.utils import counters
+    for kind in ("eager", "compiled"):
+        counters.clear()
+        per_token, weights, kv = measure_decode(LLMConfig.from_name(plan["llm"]), plan["prompt"], plan["tokens"],
+                                                args, device, compiled=kind == "compiled")
+        free_memory(device)
+        fig[f"decode_{kind}"] = dict(ms_per_token=per_token * 1e3, tokens_per_s=1 / per_token,
+                                     bytes_per_token=weights + kv, roofline_ms=(weights + kv) / bandwidth * 1e3,
+                                     roofline_share=(weights + kv) / bandwidth / per_token,
+                                     cudagraph_skips=counters["inductor"].get("cudagraph_skips", 0))
+    seconds, tokens = measure_ttft(plan["ttft"], args, device)
+    free_memory(device)
+    fig["ttft"] = dict(preset=plan["ttft"], prompt_tokens=tokens, seconds=seconds)
+    return fig
 
-    n = args.decode_tokens
-    per_token, weights, kv = measure_decode(LLMConfig.from_name("phi3.5-mini"), 128, n, args, device)
-    share = (weights + kv) / bandwidth / per_token
-    print(f"    decode: {per_token * 1e3:.2f} ms/token, {1 / per_token:.0f} tok/s; reads {(weights + kv) / 1e9:.2f} "
-          f"GB per token (weights {weights / 1e9:.2f}, KV {kv / 1e9:.3f}); "
-          f"roofline {(weights + kv) / bandwidth * 1e3:.2f} ms")
-    rows.append(("5", f"bf16 decode batch 1, Phi-3.5-mini (32 layers), 128-token prompt + {n} tokens",
-                 f"{1 / per_token:.0f} tok/s = {share:.0%} of roofline", "-", "-", ">= 70%",
-                 "yes" if share >= 0.7 else "no"))
+
+def case_gpu(args, device):
+    """MFU of bf16 training, decode against the bandwidth roofline, time to first token (CUDA; the CPU with
+    --dry-run). Puts its figures in args.figures[5] for --json."""
+    name, bandwidth = assumed_bandwidth(device)
+    print(f"case 5: {name}; assumed peaks: {PEAK_BF16_FLOPS / 1e12:.0f} TFLOP/s dense bf16, "
+          f"{bandwidth / 1e12:.2f} TB/s memory bandwidth (SXM figures)"
+          + (" | dry run at tiny sizes: the figures mean nothing" if args.dry_run else ""), flush=True)
+    fig = case5_figures(args, device)
+    args.figures[5] = fig
+    rows, llm = [], fig["plan"]["llm"]
+    if "training" in fig:
+        tr = fig["training"]
+        peak = f", peak memory {tr['peak_memory'] / 2**30:.1f} GiB" if tr["peak_memory"] is not None else ""
+        print(f"    training: {tr['layers']} layers, {tr['batch']}x{tr['seq']} tokens, {tr['flops_per_step'] / 1e12:.1f} "
+              f"TFLOP per step (fwd + bwd), {tr['tflops']:.0f} TFLOP/s{peak}")
+        rows.append(("5", f"bf16 training MFU, {tr['layers']}-layer {llm} width, {tr['batch']}x{tr['seq']} tokens, "
+                     f"step incl. AdamW", f"{tr['mfu']:.1%} ({tr['tflops']:.0f} TFLOP/s)", "-", "-", ">= 50%",
+                     "yes" if tr["mfu"] >= 0.5 else "no"))
+    for kind in ("eager", "compiled"):
+        d = fig[f"decode_{kind}"]
+        print(f"    decode {kind}: {d['ms_per_token']:.2f} ms/token, {d['tokens_per_s']:.0f} tok/s; reads "
+              f"{d['bytes_per_token'] / 1e9:.2f} GB per token; roofline {d['roofline_ms']:.2f} ms"
+              + (f"; CUDA graphs skipped {d['cudagraph_skips']} time(s)" if d["cudagraph_skips"] else ""))
+        rows.append(("5", f"bf16 decode batch 1 ({kind}), {llm}, {fig['plan']['prompt']}-token prompt + "
+                     f"{fig['plan']['tokens']} tokens", f"{d['tokens_per_s']:.0f} tok/s = {d['roofline_share']:.0%} of "
+                     f"roofline", "-", "-", ">= 70%", "yes" if d["roofline_share"] >= 0.7 else "no"))
+    tt = fig["ttft"]
+    print(f"    time to first token: {tt['seconds'] * 1e3:.0f} ms ({tt['preset']}, {tt['prompt_tokens']} prompt tokens)")
+    rows.append(("5", f"bf16 time to first token, {tt['preset']}, one image + 30-token question "
+                 f"({tt['prompt_tokens']} tokens)", f"{tt['seconds'] * 1e3:.0f} ms", "-", "-", "-", "-"))
     return rows
 
 
@@ -532,18 +606,25 @@ def main(argv=None):
     p.add_argument("--mfu-batch", type=int, default=4)
     p.add_argument("--mfu-seq", type=int, default=2048)
     p.add_argument("--decode-tokens", type=int, default=256, help="case 5: decode steps timed")
+    p.add_argument("--dry-run", action="store_true",
+                   help="case 5 on the CPU at tiny sizes: its code, not its figures (device_check.py --device cpu)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the rows and case 5's figures as JSON")
     import bench_real  # cases 6-8
     bench_real.add_arguments(p)
     args = p.parse_args(argv)
     args.mfu_layers = [int(x) for x in args.mfu_layers.split(",")]
+    args.figures = {}
     cases = [int(c) for c in args.cases.split(",") if c.strip()]
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.set_num_threads(args.threads)
 
-    import transformers
-    transformers.logging.set_verbosity_error()  # its notes on the rope config of a random Phi-3
-    print(f"bench.py | {machine(device)} | torch {torch.__version__} | transformers {transformers.__version__} | "
+    reference = "transformers (not used)"
+    if set(cases) - {5}:  # case 5 alone (device_check.py) has no reference: ~4 s of imports saved
+        import transformers
+        transformers.logging.set_verbosity_error()  # its notes on the rope config of a random Phi-3
+        reference = f"transformers {transformers.__version__}"
+    print(f"bench.py | {machine(device)} | torch {torch.__version__} | {reference} | "
           f"torch.set_num_threads({args.threads}) | {args.dtype} | repeats {args.repeats} (+{args.warmup} warm-up), "
           f"ours / reference alternating, medians of {'process CPU time' if device.type == 'cpu' else 'wall time'}")
     rows = []
@@ -558,8 +639,8 @@ def main(argv=None):
         elif c == 4:
             rows += case_ddp(args)
         elif c == 5:
-            if device.type != "cuda":
-                print("case 5: skipped (needs --device cuda)")
+            if device.type != "cuda" and not args.dry_run:
+                print("case 5: skipped (needs --device cuda, or --dry-run)")
                 rows.append(("5", "GPU MFU and decode roofline", "skipped: needs --device cuda", "-", "-", "-", "-"))
                 continue
             rows += case_gpu(args, device)
@@ -578,6 +659,8 @@ def main(argv=None):
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         print(line(r))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "figures": args.figures}, indent=1))
 
 
 if __name__ == "__main__":
