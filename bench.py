@@ -86,12 +86,12 @@ sys.path.insert(0, str(REPO))
 from florence_encoder import FlorenceConfig, FlorenceVision, prompt_ids  # noqa: E402
 from fusion import IGNORE_INDEX, IMAGE_TOKEN_INDEX, FlorenceVL, FlorenceVLConfig  # noqa: E402
 from generate import compile_decode, generate  # noqa: E402
-from model import LLM, PHI35_LONG_FACTOR, PHI35_SHORT_FACTOR, LLMConfig  # noqa: E402
+from model import LLM, LLMConfig  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))  # the reference side is built as in the parity tests
-from helpers import florence2_hf_config, reference_splice  # noqa: E402
+from helpers import (FLORENCE_IMAGE_TOKEN, florence2_hf_config, phi3_hf_config, reference_features,  # noqa: E402
+                     reference_splice)
 
-FLORENCE_IMAGE_TOKEN = 51289  # transformers' image placeholder id: Florence-2's vocab gets one more row
 PEAK_BF16_FLOPS = 989e12      # H100 / H200 SXM dense bf16
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, SXM
 
@@ -171,19 +171,6 @@ def florence_pair(size: int):
     return hf, FlorenceVision.from_state_dict(cfg, weights, what="random Florence-2-base")
 
 
-def phi3_hf_config(cfg: LLMConfig):
-    """A transformers Phi3Config of our config's shapes, with Phi-3.5-mini's LongRoPE factors."""
-    from transformers import Phi3Config
-    return Phi3Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                      num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_position_embeddings,
-                      original_max_position_embeddings=cfg.original_max_position_embeddings,
-                      rms_norm_eps=cfg.rms_norm_eps, bos_token_id=1, eos_token_id=None, pad_token_id=cfg.pad_token_id,
-                      rope_parameters=dict(rope_type="longrope", rope_theta=cfg.rope_theta,
-                                           short_factor=list(PHI35_SHORT_FACTOR),
-                                           long_factor=list(PHI35_LONG_FACTOR)))
-
-
 def hf_phi3(n_layers: int):
     """A random transformers Phi3ForCausalLM: Phi-3.5-mini's shapes and LongRoPE, n_layers layers."""
     from transformers import Phi3ForCausalLM
@@ -207,28 +194,6 @@ def llm_pair(n_layers: int):
 # ----------------------------------------------------------------------------------------------
 # The reference: Florence-VL's data flow written with transformers parts
 
-def reference_features(florence, pixels, shared_davit: bool = False) -> list:
-    """[V, V'_1, V'_2, V'_3], each (B, N, D), as the official tower computes them: the B x 3 (image, prompt)
-    pairs in one batch, image-major, each with its own image features (shared_davit: one DaViT pass per
-    image, expanded), merged at the placeholders, through the BART encoder, no attention mask."""
-    m = florence.model
-    B, ids = pixels.shape[0], prompt_ids().to(pixels.device)
-    K = ids.shape[0]
-    if shared_davit:
-        V = m.get_image_features(pixels).pooler_output                            # (B, N, D)
-        features = V.repeat_interleave(K, 0)
-    else:
-        features = m.get_image_features(pixels.repeat_interleave(K, 0)).pooler_output  # (B*K, N, D)
-        V = features[::K]
-    N = features.shape[1]
-    input_ids = torch.cat([torch.full((B * K, N), FLORENCE_IMAGE_TOKEN, device=pixels.device), ids.repeat(B, 1)], 1)
-    embeds = m.get_input_embeddings()(input_ids)
-    features = features.to(embeds.dtype)
-    embeds = embeds.masked_scatter(m.get_placeholder_mask(input_ids, embeds, features), features)
-    out = m.language_model.encoder(inputs_embeds=embeds).last_hidden_state[:, :N].view(B, K, N, -1)
-    return [V] + [out[:, k] for k in range(K)]
-
-
 def plain_mlp(state: dict) -> nn.Sequential:
     """Our mlp3x_gelu's weights (official names) in a plain Linear-GELU-Linear-GELU-Linear."""
     layers = []
@@ -249,7 +214,7 @@ class ReferenceFlorenceVL(nn.Module):
         self.shared_davit = False  # True: one DaViT pass per image (see reference_features)
 
     def forward(self, input_ids, attention_mask, pixel_values, labels):
-        features = reference_features(self.florence, pixel_values, self.shared_davit)
+        features = reference_features(self.florence, pixel_values, prompt_ids(), self.shared_davit)
         visual = self.projector(torch.cat(features, dim=-1))
         embeds, mask, labels = reference_splice(self.llm.get_input_embeddings(), input_ids, attention_mask, labels,
                                                 visual)
@@ -277,12 +242,12 @@ def case_vision(args, device, dtype):
     hf, ours = hf.to(device, dtype), ours.to(device, dtype)
     print(f"    reference attention: {hf.config._attn_implementation}")
     pixels = torch.randn(B, 3, 768, 768, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    got, expected = ours.multi_prompt_features(pixels), reference_features(hf, pixels)
+    got, expected = ours.multi_prompt_features(pixels), reference_features(hf, pixels, prompt_ids())
     print("    max |ours - reference| per feature set: "
           + " ".join(f"{max_diff(a, b):.1e}" for a, b in zip(got, expected)))
     t = race({"ours": lambda: ours.multi_prompt_features(pixels),
-              "reference": lambda: reference_features(hf, pixels),
-              "ref 1 pass": lambda: reference_features(hf, pixels, shared_davit=True)},
+              "reference": lambda: reference_features(hf, pixels, prompt_ids()),
+              "ref 1 pass": lambda: reference_features(hf, pixels, prompt_ids(), shared_davit=True)},
              args.repeats, args.warmup, device)
     return [row("1", f"vision features V + 3 prompts, B={B}, 768px (ref: official, DaViT per prompt)",
                 t["ours"], t["reference"], 0.9),
@@ -320,7 +285,7 @@ def case_train(args, device, dtype):
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     with torch.no_grad(), amp:  # the same visual tokens and loss, with dropout and drop path off
         ours.eval(), ref.eval()
-        visual = max_diff(ours.encode_images(pixels), projector(torch.cat(reference_features(florence, pixels), -1)))
+        visual = max_diff(ours.encode_images(pixels), projector(torch.cat(reference_features(florence, pixels, prompt_ids()), -1)))
         a, b = ours(ids, mask, pixels, labels).loss, ref(ids, mask, pixels, labels)
         print(f"    eval mode: max |ours - reference| visual tokens {visual:.1e}; loss ours {a.item():.6f} "
               f"reference {b.item():.6f}")

@@ -1,5 +1,6 @@
 """bench.py's cases 6-8: Florence-VL at its real sizes on one machine (CPU, bf16), against what a user of the
-official code would run instead. bench.py imports this file for them; `python bench.py --help` says what each
+official code would run instead. bench.py imports this file for them (this file does not import bench.py: the
+reference builders both use are in tests/helpers.py); `python bench.py --help` says what each
 measures, and so do the docstrings of case_real_bf16, case_real_int8 and case_loading below.
 
 The two sides are built from the same random weights: transformers builds its models once (bf16, every
@@ -29,9 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import bench
 from checkpoint import release_freed_memory, save_sharded, write_text_atomic
-from florence_encoder import FlorenceConfig, FlorenceVision, cosine_table
+from florence_encoder import FlorenceConfig, FlorenceVision, cosine_table, prompt_ids
 from fusion import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, PROJECTOR_PREFIX, TOWER_PREFIX, FlorenceVL, FlorenceVLConfig,
                     florence_config_json, llava_config_json, preprocessor_config_json)
 from model import LLM, LLMConfig
@@ -39,7 +39,8 @@ from quantize import Int8Linear, int8_linear_names
 
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO / "tests"))
-from helpers import florence2_hf_config, reference_splice  # noqa: E402
+from helpers import (FLORENCE_IMAGE_TOKEN, florence2_hf_config, phi3_hf_config, reference_features,  # noqa: E402
+                     reference_splice)
 from memory import measure  # noqa: E402
 
 GiB = 2**30
@@ -57,10 +58,10 @@ def real_configs(preset: str) -> tuple:
     """(FlorenceConfig, LLMConfig): 'florence-vl-3b' (Florence-2-large at 768 px + Phi-3.5-mini, 32 layers) or
     'tiny' (the tiny tower + a 2-layer Phi-3 of Phi-3.5's layout, head_dim 96 for its LongRoPE factors)."""
     if preset == "florence-vl-3b":
-        return (FlorenceConfig.from_name("large", vocab_size=bench.FLORENCE_IMAGE_TOKEN + 1, image_size=768),
+        return (FlorenceConfig.from_name("large", vocab_size=FLORENCE_IMAGE_TOKEN + 1, image_size=768),
                 LLMConfig.from_name("phi3.5-mini"))
     if preset == "tiny":
-        return (FlorenceConfig.from_name("tiny", vocab_size=bench.FLORENCE_IMAGE_TOKEN + 1),
+        return (FlorenceConfig.from_name("tiny", vocab_size=FLORENCE_IMAGE_TOKEN + 1),
                 LLMConfig.from_name("phi3.5-mini", n_layers=2, hidden_size=192, intermediate_size=256, n_heads=2,
                                     n_kv_heads=2, vocab_size=128, pad_token_id=0))
     raise ValueError(f"unknown preset {preset!r}: florence-vl-3b or tiny")
@@ -125,9 +126,9 @@ def build_reference(vision_cfg: FlorenceConfig, llm_cfg: LLMConfig, dtype=BF16, 
     from transformers import Florence2ForConditionalGeneration, Phi3ForCausalLM
     transformers.logging.set_verbosity_error()
     florence = Florence2ForConditionalGeneration._from_config(
-        florence2_hf_config(vision_cfg, vision_cfg.vocab_size, bench.FLORENCE_IMAGE_TOKEN), dtype=dtype)
+        florence2_hf_config(vision_cfg, vision_cfg.vocab_size, FLORENCE_IMAGE_TOKEN), dtype=dtype)
     randomize_module_(florence, florence_init, seed)
-    llm = Phi3ForCausalLM._from_config(bench.phi3_hf_config(llm_cfg), dtype=dtype)
+    llm = Phi3ForCausalLM._from_config(phi3_hf_config(llm_cfg), dtype=dtype)
     randomize_module_(llm, llm_init, seed + 1)
     D, H = vision_cfg.d_model, llm_cfg.hidden_size
     with default_dtype(dtype):
@@ -266,7 +267,7 @@ def answer_ours(model: FlorenceVL, ids, pixels, n: int, marks=None) -> list:
 def answer_reference(ref: Reference, ids, pixels, n: int, marks=None) -> list:
     """The official path: features with DaViT per (image, prompt) pair, channel concat, projector, the LLaVA
     splice, Phi3ForCausalLM.generate(inputs_embeds=...) (greedy, KV cache, exactly n new tokens)."""
-    features = bench.reference_features(ref.florence, pixels)
+    features = reference_features(ref.florence, pixels, prompt_ids())
     visual = ref.projector(torch.cat(features, dim=-1))
     embeds, mask, _ = reference_splice(ref.llm.get_input_embeddings(), ids, torch.ones_like(ids),
                                        torch.full_like(ids, IGNORE_INDEX), visual)

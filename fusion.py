@@ -26,7 +26,6 @@ from checkpoint import (CheckpointError, check_state_dict, read_config, read_wei
 from florence_encoder import FlorenceConfig, FlorenceVision, prompt_ids, to_original_state_dict, unused_original_key
 from generate import generate
 from model import LLM, LLMConfig, add_generation_eos, stored_dtype
-from lora import ADAPTER_CONFIG, LoRALinear, load_adapter_
 from quantize import Int8Linear
 from tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
@@ -297,7 +296,8 @@ class FlorenceVL(nn.Module):
         """config.json (LLaVA fields + the LLM's), model.safetensors (or, past max_shard_bytes, shards and
         model.safetensors.index.json, as the hub layout), vision_tower/config.json (Florence-2's own, original
         spelling) and the tokenizer. Each file is written atomically, one tensor at a time."""
-        if any(isinstance(m, (Int8Linear, LoRALinear)) for m in self.llm.modules()):
+        lora = any(".lora_" in name for name, _ in self.llm.named_parameters())  # lora.py's LoRALinear pairs
+        if lora or any(isinstance(m, Int8Linear) for m in self.llm.modules()):
             raise ValueError("an int8 or LoRA-wrapped LLM is not saved in the official layout: save the model loaded "
                              "without --quantize, or merge the LoRA adapter first (lora.merge_lora_)")
         folder = Path(folder)
@@ -324,8 +324,9 @@ class FlorenceVL(nn.Module):
         The LLM is filled tensor by tensor (no second copy); quantize='int8' makes its Linears int8 as they
         are read (quantize.py). dtype None: as config.json says it is stored."""
         folder = resolve(path_or_repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
-        if (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file():
-            return cls._from_adapter(folder, dtype, tower, quantize)
+        if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+            raise CheckpointError(f"{folder} is a LoRA adapter (adapter_config.json, no config.json): load it with "
+                                  f"lora.from_pretrained, which puts it on its base model (sample.py and eval.py do)")
         hf = read_config(folder)
         if "mm_projector_type" not in hf:
             raise CheckpointError(f"{folder}/config.json has no mm_projector_type: not a Florence-VL (LLaVA) checkpoint")
@@ -378,15 +379,6 @@ class FlorenceVL(nn.Module):
         check_state_dict(shapes(model.mm_projector.state_dict()), shapes(projector_sd), f"{folder} (mm_projector)")
         model.mm_projector.load_state_dict(projector_sd)
         model.tower_note = tower_note
-        return model.eval()
-
-    @classmethod
-    def _from_adapter(cls, folder: Path, dtype, tower, quantize) -> "FlorenceVL":
-        """A LoRA run's adapter folder (lora.py): its base model, wrapped and filled as the adapter says."""
-        config = json.loads((folder / ADAPTER_CONFIG).read_text())
-        model = cls.from_pretrained(config["base_model"], dtype=dtype, tower=tower, quantize=quantize)
-        load_adapter_(model, folder)
-        model.tower_note = f"{model.tower_note}; LoRA adapter {folder}"
         return model.eval()
 
     @classmethod

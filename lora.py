@@ -21,12 +21,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError, read_weights, save_safetensors, write_text_atomic
-from quantize import Int8Linear
+from checkpoint import CheckpointError, read_weights, resolve, save_safetensors, write_text_atomic
+from fusion import FlorenceVL, FlorenceVLConfig
+from quantize import Int8Linear, quantize_llm_
 
 # the Linears of the LLM blocks (Phi-3's fused qkv_proj / gate_up_proj; Llama's are fused the same way here)
 TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
+PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]  # what FlorenceVL.from_pretrained fetches of a hub repo
 
 
 class LoRALinear(nn.Module):
@@ -135,6 +137,27 @@ def load_adapter_(model, folder) -> dict:
     return config
 
 
+def weights_folder(path_or_repo_id) -> Path:
+    """The folder whose weights from_pretrained reads: the checkpoint's, or for an adapter its base model's."""
+    folder = resolve(path_or_repo_id, allow_patterns=PATTERNS)
+    if (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file():
+        return weights_folder(json.loads((folder / ADAPTER_CONFIG).read_text())["base_model"])
+    return folder
+
+
+def from_pretrained(path_or_repo_id, dtype=None, tower=None, quantize: str | None = None) -> FlorenceVL:
+    """A Florence-VL checkpoint (FlorenceVL.from_pretrained), or a LoRA run's adapter folder: its base model (the
+    one adapter_config.json names), wrapped and filled as the adapter says."""
+    folder = resolve(path_or_repo_id, allow_patterns=PATTERNS)
+    if not (folder / ADAPTER_CONFIG).is_file() or (folder / "config.json").is_file():
+        return FlorenceVL.from_pretrained(folder, dtype=dtype, tower=tower, quantize=quantize)
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    model = FlorenceVL.from_pretrained(config["base_model"], dtype=dtype, tower=tower, quantize=quantize)
+    load_adapter_(model, folder)
+    model.tower_note = f"{model.tower_note}; LoRA adapter {folder}"
+    return model.eval()
+
+
 def merge_lora_(model) -> int:
     """Fold every LoRA update into its weight (an int8 base comes back in its compute dtype); returns how many."""
     names = [n for n, m in model.llm.named_modules() if isinstance(m, LoRALinear)]
@@ -206,8 +229,6 @@ def memory_plan(cfg, r: int = 16, targets=TARGETS, quantize: str | None = None, 
     (block_bytes_per_token), the loss by formula. micro_batch samples of `tokens` tokens (visual ones included),
     `supervised` of them supervised. Not counted: the frozen tower's forward (it saves nothing; its transient
     intermediates are tens of MB per image), the CUDA context and the allocator's slack (~1 GB together)."""
-    from fusion import FlorenceVL
-    from quantize import quantize_llm_
     with torch.device("meta"):
         model = FlorenceVL(cfg)
     model.to(torch.bfloat16)
@@ -269,7 +290,6 @@ def main(argv=None):
     q.add_argument("--supervised", type=int, default=512, help="supervised (answer) tokens per sample")
     q.add_argument("--no-checkpointing", action="store_true", help="without --activation-checkpointing")
     args = p.parse_args(argv)
-    from fusion import FlorenceVL, FlorenceVLConfig
     if args.command == "plan":
         rows = memory_plan(FlorenceVLConfig.from_name(args.model), args.lora, quantize=args.quantize,
                            micro_batch=args.micro_batch, tokens=args.tokens, supervised=args.supervised,
@@ -277,8 +297,10 @@ def main(argv=None):
         print_plan(rows, f"{args.model}, train.py --lora {args.lora}" + (" --quantize int8" if args.quantize else "")
                    + f" --micro-batch {args.micro_batch}: one step on one GPU")
         return
-    model = FlorenceVL.from_pretrained(args.adapter if args.base is None else args.base)
-    if args.base is not None:
+    if args.base is None:
+        model = from_pretrained(args.adapter)
+    else:
+        model = FlorenceVL.from_pretrained(args.base)
         load_adapter_(model, args.adapter)
     print(f"merged {merge_lora_(model)} LoRA layers into {args.out}")
     model.save_pretrained(args.out)

@@ -14,11 +14,13 @@ import sys
 import time
 
 import torch
-from checkpoint import CheckpointError, pick_dtype
+from checkpoint import CheckpointError, pick_dtype, stored_numel, weight_files
 from data import IMAGE_TOKEN, PROMPT_STYLES, TEMPLATE_NAMES, DataError, load_image, tokenize_prompt
 from florence_encoder import preprocess
 from fusion import FlorenceVL
 from generate import stream_text
+from lora import from_pretrained as load_checkpoint_or_adapter
+from lora import weights_folder
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -29,7 +31,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                                    "own weights or config do not provide it")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 (fp16 on a GPU without bf16), half the memory of fp32")
+                   help="auto: bf16 on a GPU (fp16 without bf16) and on a CPU with native bf16 (AVX512-BF16 / AMX); "
+                        "on a CPU without it fp32 when the model fits in memory in fp32 (bf16 runs several times "
+                        "slower there), else bf16")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8: the LLM's Linears as int8 weights with a scale per row, quantized while loading "
                         "(half the memory of bf16; quantize.py)")
@@ -42,10 +46,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def load_model(args) -> FlorenceVL:
     """Load --model as asked, report it on stderr, and stop with a clear message if it cannot be used."""
-    dtype = pick_dtype(args.dtype, args.device)
     t0 = time.time()
     try:
-        model = FlorenceVL.from_pretrained(args.model, dtype=dtype, tower=args.tower,
+        fp32_bytes = 4 * stored_numel(weight_files(weights_folder(args.model)))  # auto-dtype's question: does fp32 fit?
+        dtype, why = pick_dtype(args.dtype, args.device, fp32_bytes)
+        model = load_checkpoint_or_adapter(args.model, dtype=dtype, tower=args.tower,
                                            quantize=args.quantize).to(args.device)
     except CheckpointError as e:
         raise SystemExit(f"cannot load {args.model}: {e}")
@@ -57,7 +62,7 @@ def load_model(args) -> FlorenceVL:
     n = sum(t.numel() for t in [*model.parameters(), *model.buffers()] if t.dtype != torch.bool)
     size = f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
     precision = str(dtype).removeprefix("torch.") + (", LLM Linears int8" if args.quantize else "")
-    print(f"{args.model}: {size} parameters, {precision} on {args.device}, "
+    print(f"{args.model}: {size} parameters, {precision} on {args.device} ({why}), "
           f"template {model.template}, tower {model.tower_note} ({time.time() - t0:.1f} s)", file=sys.stderr)
     return model
 

@@ -41,9 +41,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from checkpoint import cpu_has_native_bf16
 from data import PROMPT_STYLES, DataError, LLaVADataset, collate
 from fusion import IGNORE_INDEX, TEMPLATE_OF, FlorenceVL
 from lora import TARGETS, add_lora_, is_lora, merge_lora_, save_adapter, set_trainable_, trainable_summary
+from lora import from_pretrained as load_checkpoint_or_adapter
 from schedule import lr_at
 from synthetic import PAD_TOKEN
 from train_checkpoint import (STAGES, checkpoint_name, find_checkpoint, full_model_state, is_sharded,
@@ -208,13 +210,6 @@ def cpu_supports_bf16() -> bool:
     a, b = torch.randn(64, 1024, generator=g).bfloat16(), torch.randn(1024, 64, generator=g).bfloat16()
     exact = a.double() @ b.double()
     return bool((a @ b).double().sub(exact).abs().max() <= 2 ** -8 * exact.abs().max())
-
-
-def cpu_has_native_bf16() -> bool:
-    """oneDNN's bf16 kernels need AVX512 (BF16) or AMX; a VM may hide them (this project's Zen 5 VMs show AVX2
-    only). Without them bf16 runs through fp32: the same numbers, measured 4.7x slower than fp32 for the tiny
-    model's training step and 65x for a 512 x 512 matmul."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def check_config(cfg: TrainConfig, ctx: Dist):
@@ -571,7 +566,7 @@ def finish(cfg: TrainConfig, model: FlorenceVL, task, stages: list, history: lis
         if is_lora(model):  # the adapter; --merge: also the merged model, read back from base + adapter
             save_adapter(model, out / "final", base_model(cfg), model_sd)
             if cfg.merge:
-                merged = FlorenceVL.from_pretrained(out / "final", dtype=torch.float32)
+                merged = load_checkpoint_or_adapter(out / "final", dtype=torch.float32)
                 log(f"merged {merge_lora_(merged)} LoRA layers: {out / 'merged'}")
                 merged.save_pretrained(out / "merged")
         else:
@@ -580,7 +575,7 @@ def finish(cfg: TrainConfig, model: FlorenceVL, task, stages: list, history: lis
         log(f"final model: {out / 'final'} (python sample.py --model {out / 'final'} --image ...) | "
             f"loss curve: {out / 'loss.png'}")
         if is_sharded(model):  # a sharded model generates only with every rank: use a whole copy
-            model = FlorenceVL.from_pretrained(out / "final").to(ctx.device)
+            model = load_checkpoint_or_adapter(out / "final").to(ctx.device)
     task.after_training(model, ctx, log)
 
 

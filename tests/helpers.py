@@ -3,6 +3,8 @@ import torch
 
 # LLaVA's constants, written here again so that the reference does not borrow them from the code under test
 IMAGE_TOKEN_INDEX, IGNORE_INDEX = -200, -100
+# transformers' Florence-2 image placeholder id: Florence-2's 51,289-word vocabulary gets one more row
+FLORENCE_IMAGE_TOKEN = 51289
 
 
 @torch.no_grad()
@@ -78,3 +80,39 @@ def reference_splice(embed, input_ids, mask, labels, visual):
     for b, (r, lab) in enumerate(zip(rows, row_labels)):
         embeds[b, :len(r)], new_mask[b, :len(r)], new_labels[b, :len(r)] = r, 1, lab
     return embeds, new_mask, new_labels
+
+
+def phi3_hf_config(cfg):
+    """A transformers Phi3Config of an LLMConfig's shapes and LongRoPE factors (Phi-3.5-mini's)."""
+    from transformers import Phi3Config
+    return Phi3Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                      num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_position_embeddings,
+                      original_max_position_embeddings=cfg.original_max_position_embeddings,
+                      rms_norm_eps=cfg.rms_norm_eps, bos_token_id=1, eos_token_id=None, pad_token_id=cfg.pad_token_id,
+                      rope_parameters=dict(rope_type="longrope", rope_theta=cfg.rope_theta,
+                                           short_factor=list(cfg.short_factor),
+                                           long_factor=list(cfg.long_factor)))
+
+
+def reference_features(florence, pixels, prompt_ids, shared_davit: bool = False) -> list:
+    """[V, V'_1, V'_2, V'_3], each (B, N, D), as the official tower computes them: the B x 3 (image, prompt)
+    pairs in one batch, image-major, each with its own image features (shared_davit: one DaViT pass per
+    image, expanded), merged at the placeholders, through the BART encoder, no attention mask. prompt_ids: (3, L), the
+    three task prompts' Florence-2 token ids."""
+    m = florence.model
+    B, ids = pixels.shape[0], prompt_ids.to(pixels.device)
+    K = ids.shape[0]
+    if shared_davit:
+        V = m.get_image_features(pixels).pooler_output                            # (B, N, D)
+        features = V.repeat_interleave(K, 0)
+    else:
+        features = m.get_image_features(pixels.repeat_interleave(K, 0)).pooler_output  # (B*K, N, D)
+        V = features[::K]
+    N = features.shape[1]
+    input_ids = torch.cat([torch.full((B * K, N), FLORENCE_IMAGE_TOKEN, device=pixels.device), ids.repeat(B, 1)], 1)
+    embeds = m.get_input_embeddings()(input_ids)
+    features = features.to(embeds.dtype)
+    embeds = embeds.masked_scatter(m.get_placeholder_mask(input_ids, embeds, features), features)
+    out = m.language_model.encoder(inputs_embeds=embeds).last_hidden_state[:, :N].view(B, K, N, -1)
+    return [V] + [out[:, k] for k in range(K)]

@@ -220,3 +220,26 @@ def test_bad_checkpoints_get_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match=rf"tokenizer\.json does not match the model: {model.tokenizer.vocab_size} "
                                               rf"tokens, but the embedding has {cfg['vocab_size']} rows"):
         FlorenceVL.from_pretrained(bad)
+
+
+def test_auto_dtype_fits_the_machine(monkeypatch):
+    """--dtype auto: bf16 on a CPU with native bf16; without it fp32 when the fp32 weights fit in 85% of the memory
+    available (bf16 would be emulated through fp32, several times slower), else bf16; as asked otherwise."""
+    import checkpoint
+    GiB = 2**30
+    monkeypatch.setattr(checkpoint, "memory_available", lambda: 20 * GiB)
+    monkeypatch.setattr(checkpoint, "cpu_has_native_bf16", lambda: True)
+    assert checkpoint.pick_dtype("auto", "cpu", 16 * GiB)[0] == torch.bfloat16
+    monkeypatch.setattr(checkpoint, "cpu_has_native_bf16", lambda: False)
+    assert checkpoint.pick_dtype("auto", "cpu", 16 * GiB)[0] == torch.float32      # Florence-VL-3B: 16.5 GiB
+    dtype, why = checkpoint.pick_dtype("auto", "cpu", 32 * GiB)                     # Florence-VL-8B: 32.2 GiB
+    assert dtype == torch.bfloat16 and "do not fit in 20.0 GiB" in why
+    assert checkpoint.pick_dtype("fp16", "cpu", 32 * GiB) == (torch.float16, "as asked")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        checkpoint.pick_dtype("int4", "cpu")
+
+
+def test_stored_numel_reads_the_headers(tmp_path):
+    import checkpoint
+    checkpoint.save_safetensors({"a": torch.zeros(3, 4), "b": torch.zeros(5, dtype=torch.bfloat16)}, tmp_path / "m.safetensors")
+    assert checkpoint.stored_numel([tmp_path / "m.safetensors"]) == 17

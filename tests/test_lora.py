@@ -12,7 +12,7 @@ import torch
 
 import lora
 import train
-from checkpoint import read_weights
+from checkpoint import CheckpointError, read_weights
 from fusion import FlorenceVL, FlorenceVLConfig
 from helpers import randomize_
 from model import LLMConfig
@@ -148,10 +148,12 @@ def test_lora_run_trains_only_its_adapter_resumes_bit_for_bit_and_merges(tmp_pat
     assert all(".lora_" in k or k.startswith("mm_projector.") for k in wa) and any(".lora_B" in k for k in wa)
     assert json.loads((straight / "final" / lora.ADAPTER_CONFIG).read_text())["base_model"] == str(base)
     # the adapter folder and the merged checkpoint (official layout) answer the same
-    adapter, merged = FlorenceVL.from_pretrained(straight / "final"), FlorenceVL.from_pretrained(straight / "merged")
+    adapter, merged = lora.from_pretrained(straight / "final"), FlorenceVL.from_pretrained(straight / "merged")
     assert lora.is_lora(adapter) and not lora.is_lora(merged) and (straight / "merged" / "config.json").is_file()
     # trained as stage 2 on a stage-1 base: both answer in the chat template, on padded images
     assert FlorenceVL.from_pretrained(base).template == "plain"
+    with pytest.raises(CheckpointError, match="is a LoRA adapter .* lora.from_pretrained"):
+        FlorenceVL.from_pretrained(straight / "final")  # fusion.py does not know LoRA: a clear error, no guess
     assert adapter.template == merged.template == "phi3"
     assert adapter.cfg.image_aspect_ratio == merged.cfg.image_aspect_ratio == "pad"
     ids, pixels, _ = inputs()
