@@ -18,7 +18,7 @@ from helpers import randomize_
 from model import LLMConfig
 from quantize import quantize_llm_
 from synthetic import synthetic_tokenizer
-from test_train import logged, run
+from trainrun import logged, run
 
 IMG = -200
 
