@@ -119,7 +119,8 @@ def runs(world):
     for repo in REPOS:
         base = ["sample.py", "--model", repo, "--image", str(images["photo"]), "--prompt", released.QUESTION]
         r.add(("sample", repo), "sample", base, world.cache)
-        r.add(("sample bf16", repo), "sample", base + ["--dtype", "bf16"], world.cache)
+        if repo in SFT:  # one repo of each tokenizer family: bf16 is emulated (slow) on CPUs without native bf16
+            r.add(("sample bf16", repo), "sample", base + ["--dtype", "bf16"], world.cache)
         answers = world.root / "answers" / repo.split("/")[-1] / "answers.jsonl"   # the folder does not exist yet
         r.add(("eval", repo), "eval", ["eval.py", "--model", repo, "--question-file", str(question_file(world)),
                                        "--image-folder", str(images["photo"].parent), "--answers-file",
@@ -252,7 +253,7 @@ def test_sample_answers_as_the_official_code(world, runs, repo):
     assert "(auto: " in run.stderr
 
 
-@pytest.mark.parametrize("repo", list(REPOS))
+@pytest.mark.parametrize("repo", SFT)
 def test_sample_bf16_gives_the_same_text(world, runs, repo):
     """bf16 asked for, whatever the CPU: the same answer (the reference's tokens win by far more than bf16 moves
     them, test_reference_is_well_posed)."""
