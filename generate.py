@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from model import LLM, KVCache
+from model import LLM, KVCache, cache_dtype
 from tokenizer import StreamDecoder, Tokenizer
 
 
@@ -58,7 +58,7 @@ def generate_steps(llm: LLM, input_ids=None, inputs_embeds=None, attention_mask=
     mask = (torch.ones(B, T, dtype=torch.long, device=device) if attention_mask is None
             else attention_mask.to(device=device, dtype=torch.long))
     stop = stop.to(device)
-    cache = KVCache(cfg, B, T + max_new_tokens, dtype=embeds.dtype, device=device)
+    cache = KVCache(cfg, B, T + max_new_tokens, dtype=cache_dtype(embeds.dtype, device), device=device)
 
     def prefill(embeds, mask):
         cache.reset()

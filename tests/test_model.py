@@ -308,6 +308,43 @@ def test_decode_step_matches_the_forward_step_and_transformers(family):
     assert d <= 1e-5 and d_hf <= TOL
 
 
+def test_a_bf16_model_on_a_cpu_without_native_bf16_caches_and_attends_in_fp32(monkeypatch):
+    """model.cache_dtype: fp32 for a bf16 / fp16 model on a CPU without native bf16 (there bf16 attention is
+    ~5x slower than fp32), the model's own dtype elsewhere; generate builds its cache with it. The fp32 cache
+    holds the bf16 keys exactly (layer 0's, which no attention precedes, equal a bf16 cache's bit for bit), and
+    the logits stay as close to the fp32 model's as a bf16 cache's are (control: the bf16 cache's error)."""
+    import generate as G
+    import model as M
+    monkeypatch.setattr(M, 'cpu_has_native_bf16', lambda: False)
+    assert M.cache_dtype(torch.bfloat16, 'cpu') == M.cache_dtype(torch.float16, 'cpu') == torch.float32
+    assert M.cache_dtype(torch.float32, 'cpu') == torch.float32
+    assert M.cache_dtype(torch.bfloat16, 'cuda') == torch.bfloat16
+    hf = random_hf_model(LlamaForCausalLM, llama_hf_config())
+    fp32 = _loaded(hf.config.to_dict(), hf.state_dict())
+    bf16 = _loaded(hf.config.to_dict(), hf.state_dict()).to(torch.bfloat16)
+    ids, _ = batch(24, [24, 24])
+    with torch.no_grad():
+        want = fp32(ids)[:, 11:23]  # the prefill's last position, then one per decode step
+        got = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            cache = KVCache(bf16.cfg, 2, 24, dtype=dtype)
+            out = [bf16(ids[:, :12], cache=cache)[:, -1:]]
+            out += [bf16.decode_step(ids[:, t], cache)[:, None] for t in range(12, 23)]
+            got[dtype] = (torch.cat(out, 1).float(), cache.k[0].clone())
+    (wide, k_wide), (narrow, k_narrow) = got[torch.float32], got[torch.bfloat16]
+    assert k_wide.dtype == torch.float32 and torch.equal(k_wide, k_narrow.float())
+    err_wide, err_narrow = max_diff(wide, want), max_diff(narrow, want)
+    print(f'bf16 model vs fp32: logits {err_wide:.3f} with an fp32 cache, {err_narrow:.3f} with a bf16 one '
+          f'(scale {want.abs().max():.1f})')
+    assert err_wide <= 1.5 * err_narrow and err_wide <= 0.05 * want.abs().max()
+    made = []
+    monkeypatch.setattr(G, 'KVCache', lambda *a, dtype, **k: made.append(dtype) or KVCache(*a, dtype=dtype, **k))
+    generate(bf16, ids[:, :8], max_new_tokens=2)
+    monkeypatch.setattr(M, 'cpu_has_native_bf16', lambda: True)
+    generate(bf16, ids[:, :8], max_new_tokens=2)
+    assert made == [torch.float32, torch.bfloat16]
+
+
 def test_generation_reads_the_device_only_every_few_steps(monkeypatch):
     """The decode loop's host reads (what makes a GPU wait: .item, .tolist, bool(), int()) are one after the
     prefill and one per CHECK_EVERY steps, not several per token; the steps themselves have none."""
