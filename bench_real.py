@@ -34,7 +34,7 @@ from checkpoint import release_freed_memory, save_sharded, write_text_atomic
 from florence_encoder import FlorenceConfig, FlorenceVision, cosine_table, prompt_ids
 from fusion import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, PROJECTOR_PREFIX, TOWER_PREFIX, FlorenceVL, FlorenceVLConfig,
                     florence_config_json, llava_config_json, preprocessor_config_json)
-from model import LLM, LLMConfig
+from model import LLM, LLMConfig, cache_dtype
 from quantize import Int8Linear, int8_linear_names
 
 REPO = Path(__file__).resolve().parent
@@ -705,11 +705,13 @@ def case_real_int8(args) -> list:
     b8 = sum(q.numel() + sc.numel() * sc.element_size() for q, sc in int8)
     cfg = ours.llm.cfg
     T = ids.shape[1] - 1 + ours.num_visual_tokens
-    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2 * (T + n / 2)  # k and v, bf16, at the mean context
+    kv_dtype = cache_dtype(BF16, "cpu")  # fp32 on a CPU without native bf16
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * kv_dtype.itemsize * (T + n / 2)  # k and v, mean context
     print(f"    roofline: one matrix-vector pass over the LLM's weight matrices, batch 1: bf16 {b16 / 1e9:.2f} GB in "
           f"{r['bf16 weights'] * 1e3:.0f} ms ({b16 / r['bf16 weights'] / 1e9:.1f} GB/s), int8 {b8 / 1e9:.2f} GB in "
           f"{r['int8 weights'] * 1e3:.0f} ms ({b8 / r['int8 weights'] / 1e9:.1f} GB/s); a decode step also reads the "
-          f"KV cache, {kv / 1e9:.2f} GB at the mean context ({T + n / 2:.0f} tokens)")
+          f"KV cache, {kv / 1e9:.2f} GB in {str(kv_dtype).removeprefix('torch.')} at the mean context ({T + n / 2:.0f} "
+          f"tokens)")
     d8, dref = t["ours int8"]["decode"], t["reference"]["decode"]
     shares = [f"ours int8 {d8 * 1e3:.0f} ms = {r['int8 weights'] / d8:.0%} of the int8 pass",
               f"reference bf16 {dref * 1e3:.0f} ms = {r['bf16 weights'] / dref:.0%} of the bf16 pass"]
