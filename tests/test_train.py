@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train
+import train_config
 import trainrun
 from checkpoint import read_weights
 from test_data import turns, write_images
@@ -146,7 +147,7 @@ def test_nonfinite_step_is_not_applied_and_named(tmp_path, in_process, monkeypat
 def test_impossible_settings_rejected_before_any_work(tmp_path, in_process, monkeypatch, extra, why):
     built = []
     monkeypatch.setattr(train, "build_model", lambda cfg: built.append(1))
-    monkeypatch.setattr(train, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(train_config, "cpu_supports_bf16", lambda: False)  # where check_config looks it up
     with pytest.raises(SystemExit, match=why):
         train.main(["--out", str(tmp_path / "o"), *(a.format(tmp=tmp_path) for a in extra)])
     assert built == []  # nothing was built
@@ -210,7 +211,8 @@ def test_bf16_training_tracks_fp32_and_keeps_fp32_master_weights(tmp_path, in_pr
     asserted <= 1%, and > 0 (a bf16 run that equals the fp32 one to the bit computed nothing in bf16). What is
     saved, model and optimiser, is fp32. Not skipped where bf16 is missing: a CPU that cannot compute bf16 fails.
     (The CPUs here compute it without native bf16 instructions: train.cpu_has_native_bf16.)"""
-    assert train.cpu_supports_bf16(), "this CPU does not compute bf16 matmuls as a GPU does: --dtype bf16 is untested"
+    assert train_config.cpu_supports_bf16(), \
+        "this CPU does not compute bf16 matmuls as a GPU does: --dtype bf16 is untested"
     args = TINY + ["--global-batch", "4", "--steps", "30", "--save-every", "30", "--resume", "none"]
     losses = {}
     for dtype in ("fp32", "bf16"):
