@@ -9,12 +9,12 @@ loading path, huggingface_hub.snapshot_download, runs. The tower repos that the 
 their *.json files there, while the cache's tree listing says that pytorch_model.bin exists: offline, a request
 for it fails, as it would for a user who never downloaded the 1.5 GB.
 
-The expected answers come from the official data flow assembled from transformers parts (tests/released.py,
-`Reference`): the official eval prompt (model_vqa_loader: "<image>\\n" + question in conv_templates[...],
-get_prompt, tokenizer_image_token) with the official tokenizers (transformers 4.43.1 in .venv-ref, via
-tests/reference_env.py), Florence-2's features for the three task prompts, channel concat, the projector, the
-splice, the LLM's greedy generate (128 new tokens at most; the Phi eval stops at <|end|> only, Llama at its eos
-list), decoded as the official eval decodes (batch_decode(skip_special_tokens=True)[0].strip()).
+The expected answers come from the official data flow assembled from transformers parts
+(tests/released_reference.py, `Reference`): the official eval prompt (model_vqa_loader: "<image>\\n" + question in
+conv_templates[...], get_prompt, tokenizer_image_token) with the official tokenizers (transformers 4.43.1 in
+.venv-ref, via tests/reference_env.py), Florence-2's features for the three task prompts, channel concat, the
+projector, the splice, the LLM's greedy generate (128 new tokens at most; the Phi eval stops at <|end|> only, Llama
+at its eos list), decoded as the official eval decodes (batch_decode(skip_special_tokens=True)[0].strip()).
 
 The reference runs in fp32; ours in the default dtype (bf16 or fp32, by the CPU) and in bf16 (--dtype bf16).
 test_reference_is_well_posed checks that every generated token
@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 import released
+import released_reference
 from released import REPOS, TOWER_REPOS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("released")
     photo = root / "source.png"
     photo.write_bytes(SHARED_PHOTO.read_bytes())
-    return released.build_world(root / "world", photo)
+    return released_reference.build_world(root / "world", photo)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,7 +105,7 @@ def question_file(world) -> Path:
     path = world.root / "questions.jsonl"
     lines = [{"question_id": 0, "image": "photo.png", "text": released.QUESTION},
              {"question_id": 1, "image": "upright.png", "text": released.QUESTION},
-             {"question_id": "q2", "image": "photo.png", "text": released.QUESTION_2}]
+             {"question_id": "q2", "image": "photo.png", "text": released_reference.QUESTION_2}]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
 
@@ -229,14 +230,16 @@ def test_reference_is_well_posed(world, repo):
     r = world.repos[repo]
     for case, m in r.margins.items():
         for step, (gap, change) in enumerate(zip(m["gap"], m["bf16_change"])):
-            assert gap >= max(released.MIN_MARGIN, released.MARGIN_FACTOR * change), (case, step, gap, change)
+            assert gap >= max(released_reference.MIN_MARGIN, released_reference.MARGIN_FACTOR * change), \
+                (case, step, gap, change)
         assert m["argmax"] == m["full_argmax"] == r.answer_ids[case], case
         assert r.answer_ids[case][0] in r.design.first and r.answers[case]
-    for a, b in released.OPPOSITE:   # so the EXIF, template and aspect mistakes each change the answer
+    for a, b in released_reference.OPPOSITE:   # so the EXIF, template and aspect mistakes each change the answer
         assert r.answers[a] != r.answers[b], (a, b)
     lengths = {len(r.answer_ids[c]) for c in r.margins}
     assert lengths == {128} if r.spec.stage == "pretrain" else max(lengths) < 10
-    print(f"\n{repo}: answers {[r.answers[c][:40] for c in released.CASES]}, smallest ratio margin / bf16 change "
+    print(f"\n{repo}: answers {[r.answers[c][:40] for c in released_reference.CASES]}, smallest ratio margin / bf16 "
+          f"change "
           f"{min(g / max(d, 1e-9) for m in r.margins.values() for g, d in zip(m['gap'], m['bf16_change'])):.1f}")
 
 
@@ -301,8 +304,10 @@ def our_tokenizer(folder: Path):
 
 
 CHAT = {"phi3": "phi3", "llama": "llama3"}
-PROMPT_CASES = [(f, CHAT[f], name) for f in CHAT for name in released.PROMPTS] + [(f, "plain", "single") for f in CHAT]
-TRAIN_CASES = [(f, CHAT[f], name) for f in CHAT for name in released.RECORDS] + [(f, "plain", "plain") for f in CHAT]
+PROMPT_CASES = ([(f, CHAT[f], name) for f in CHAT for name in released_reference.PROMPTS]
+                + [(f, "plain", "single") for f in CHAT])
+TRAIN_CASES = ([(f, CHAT[f], name) for f in CHAT for name in released_reference.RECORDS]
+               + [(f, "plain", "plain") for f in CHAT])
 
 
 def tokenizer_of(world, family):
@@ -315,7 +320,7 @@ def test_tokenize_prompt_matches_the_official_ids(world, family, template, name)
     """model_vqa_loader's prompt (conv_templates[template], the turns, an empty assistant turn, get_prompt,
     tokenizer_image_token), with <image> moved to the front of its turn as training does."""
     expected = world.tokenization[family]["ids"][f"prompt/{template}/{name}"]
-    ours = data.tokenize_prompt(released.PROMPTS[name], tokenizer_of(world, family), template, True)
+    ours = data.tokenize_prompt(released_reference.PROMPTS[name], tokenizer_of(world, family), template, True)
     assert ours == expected
 
 
@@ -327,7 +332,7 @@ def test_tokenize_conversation_matches_the_official_ids(world, family, template,
     token, located by tokenizing the prompt up to the reply's start and end (the official length bookkeeping
     masks multi-turn samples wholesale; this is what it means to supervise)."""
     tok = world.tokenization[family]["ids"]
-    record = released.PLAIN_RECORD if template == "plain" else released.RECORDS[name]
+    record = released_reference.PLAIN_RECORD if template == "plain" else released_reference.RECORDS[name]
     expected = tok[f"train/{template}/{name}"]
     if template == "plain":
         n = len(tok["train/plain/image_only"])
