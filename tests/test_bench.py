@@ -1,4 +1,4 @@
-"""bench.py's case 5 arithmetic (the GPU case, which no CPU run exercises): the FLOPs behind the MFU figure
+"""bench_cases.py's case 5 arithmetic (the GPU case, which no CPU run exercises): the FLOPs behind the MFU figure
 and the bytes behind the decode roofline, checked against counts made by hand on a small decoder.
 Times are measured but not asserted."""
 import types
@@ -7,6 +7,7 @@ import torch
 
 
 import bench  # noqa: E402
+import bench_cases  # noqa: E402
 from model import LLM, LLMConfig  # noqa: E402
 
 # Phi-3.5-mini's layout (its long-rope factors need head_dim 96), made small
@@ -22,31 +23,32 @@ def matmul_params(cfg: LLMConfig) -> int:
 
 def test_training_flops_are_forward_plus_twice_the_forward_for_backward():
     B, T = 2, 16
-    flops, _ = bench.measure_training(CFG, B, T, ARGS, torch.device("cpu"))
+    flops, _ = bench_cases.measure_training(CFG, B, T, ARGS, torch.device("cpu"))
     # 2 FLOPs per multiply-add, forward; backward computes the input and the weight gradients: twice that.
     # (On the CPU the attention itself is not counted: FlopCounterMode has no formula for the CPU SDPA
     # kernel; on CUDA the flash / efficient kernels are counted and add 12 * B * T^2 * heads * head_dim per layer.)
     assert flops == 3 * 2 * B * T * matmul_params(CFG)
-    twice, _ = bench.measure_training(CFG, 2 * B, T, ARGS, torch.device("cpu"))
+    twice, _ = bench_cases.measure_training(CFG, 2 * B, T, ARGS, torch.device("cpu"))
     assert twice == 2 * flops  # negative control: the count follows the tokens
 
 
 def test_decode_reads_every_weight_but_the_embedding_table_and_the_kv_cache():
     prompt, n = 8, 4
-    _, weights, kv = bench.measure_decode(CFG, prompt, n, ARGS, torch.device("cpu"))
+    _, weights, kv = bench_cases.measure_decode(CFG, prompt, n, ARGS, torch.device("cpu"))
     assert weights == 2 * sum(p.numel() for name, p in LLM(CFG).named_parameters() if name != "embed_tokens.weight")
     head_dim = CFG.hidden_size // CFG.n_heads
     assert kv == 2 * CFG.n_layers * CFG.n_kv_heads * head_dim * 2 * (prompt + 1 + n / 2)  # k and v, bf16
 
 
 # ----------------------------------------------------------------------------------------------
-# Cases 6-8 (bench_real.py) on tiny shapes: the plumbing, not the times
+# Cases 6-8 (bench_real.py, bench_loading.py) on tiny shapes: the plumbing, not the times
 
 import json  # noqa: E402
 import math  # noqa: E402
 
 import pytest  # noqa: E402
 
+import bench_loading  # noqa: E402
 import bench_real  # noqa: E402
 from florence_encoder import cosine_table  # noqa: E402
 from fusion import FlorenceVL, FlorenceVLConfig  # noqa: E402
@@ -130,7 +132,7 @@ def test_checkpoint_builder_writes_a_loadable_sharded_layout(tmp_path):
     """Random tensors drawn one at a time into save_sharded: shards <= the limit + index, the configs as
     save_pretrained writes them; from_pretrained loads it, with the bytes expected_bytes predicts."""
     cfg = FlorenceVLConfig.from_name("tiny")
-    written = bench_real.build_checkpoint(tmp_path, cfg, max_shard_bytes=200_000)
+    written = bench_loading.build_checkpoint(tmp_path, cfg, max_shard_bytes=200_000)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(tmp_path.glob("model-*-of-*.safetensors"))
     assert len(shards) > 2 and set(index["weight_map"].values()) == {p.name for p in shards}
@@ -141,20 +143,20 @@ def test_checkpoint_builder_writes_a_loadable_sharded_layout(tmp_path):
     sd = model.state_dict()
     assert all(v.dtype == torch.bfloat16 for v in sd.values() if v.is_floating_point())
     assert sum(v.numel() * v.element_size() for v in sd.values()) == written
-    assert bench_real.tensor_bytes(model) == bench_real.expected_bytes(cfg, torch.bfloat16)
+    assert bench_real.tensor_bytes(model) == bench_loading.expected_bytes(cfg, torch.bfloat16)
     assert abs(model.llm.norm.weight.float().mean() - 1) < 0.1 and model.llm.embed_tokens.weight.float().std() > 0.5
     assert torch.equal(model.vision.visual_temporal_embed,
                        cosine_table(cfg.vision.temporal_embed_size, cfg.vision.vision.dims[-1]).to(torch.bfloat16))
     int8 = FlorenceVL.from_pretrained(tmp_path, quantize="int8")
-    assert bench_real.tensor_bytes(int8) == bench_real.expected_bytes(cfg, torch.bfloat16, "int8") < written
+    assert bench_real.tensor_bytes(int8) == bench_loading.expected_bytes(cfg, torch.bfloat16, "int8") < written
 
 
 def test_memory_children_run(tmp_path):
     """One side built + one TTFT in a child, and case 8 (load in int8, save) on a tiny checkpoint."""
     got = bench_real.side_memory("ours", "tiny", quantize="int8", threads=1)
     assert got["peak"] > got["added"] > 0 and got["bytes"] > 0
-    rows = bench_real.case_loading(types.SimpleNamespace(load_models="tiny", load_dtypes="int8", threads=1,
-                                                         checkpoints=str(tmp_path), load_save=True))
+    rows = bench_loading.case_loading(types.SimpleNamespace(load_models="tiny", load_dtypes="int8", threads=1,
+                                                            checkpoints=str(tmp_path), load_save=True))
     assert [r[1].split(":")[0] for r in rows] == ["load tiny int8", "save_pretrained tiny bf16"]
     assert all(r[4] == "-" or float(r[4]) > 0 for r in rows)
     assert (tmp_path / "florence-vl-tiny" / "config.json").is_file()  # kept: --checkpoints DIR
