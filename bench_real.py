@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from checkpoint import release_freed_memory
 from florence_encoder import FlorenceConfig, FlorenceVision, cosine_table, prompt_ids
 from fusion import IGNORE_INDEX, IMAGE_TOKEN_INDEX, FlorenceVL, FlorenceVLConfig
-from model import LLM, LLMConfig, cache_dtype
+from model import LLM, KVCache, LLMConfig, cache_dtype
 from quantize import Int8Linear
 
 REPO = Path(__file__).resolve().parent
@@ -446,6 +446,84 @@ def profile_top(name: str, answer, rows: int = 14):
     print("\n".join("      " + line for line in table.splitlines()))
 
 
+# the kernels a decode step's time is sorted into (torch.profiler names; self time, so nothing is counted twice)
+DECODE_KERNELS = {"matmuls": ("aten::_weight_int8pack_mm", "aten::mm", "aten::addmm", "aten::bmm"),
+                  "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                                "aten::_scaled_dot_product_attention_math")}
+
+
+@torch.no_grad()
+def decode_profile(llm: LLM, context: int, steps: int = 4) -> dict:
+    """Where ours' decode step spends its time at a given context, batch 1: milliseconds per step in the matmuls
+    (int8 or float), in attention, and the rest (norms, RoPE, cache writes, residuals, the Python between them),
+    from torch.profiler over `steps` steps after one untimed. The cache is filled with random keys and values
+    instead of a prefill (the step reads every slot under the valid mask, so its work is the same), in the dtype
+    generate() would pick (model.cache_dtype). 'step' is the wall time per step under the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    dtype = llm.embed_tokens.weight.dtype
+    cache = KVCache(llm.cfg, 1, context + steps + 1, dtype=cache_dtype(dtype, "cpu"))
+    llm(input_ids=torch.zeros(1, 1, dtype=torch.long), cache=cache, return_hidden=True)
+    g = torch.Generator().manual_seed(0)
+    cache.k.normal_(generator=g)
+    cache.v.normal_(generator=g)
+    cache.valid[:, :context] = True
+    cache.slot.fill_(context)
+    cache.next_pos.fill_(context)
+    cache.length = context
+    token = torch.zeros(1, dtype=torch.long)
+    llm.decode_step(token, cache)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            llm.decode_step(token, cache)
+        step = (time.perf_counter() - t0) / steps
+    self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    out = {k: sum(self_us.get(n, 0) for n in names) / 1e6 / steps for k, names in DECODE_KERNELS.items()}
+    out["step"] = step
+    out["rest"] = step - out["matmuls"] - out["attention"]
+    out["cache"] = f"{cache.k.dtype}".removeprefix("torch.")
+    return out
+
+
+@torch.no_grad()
+def decode_race(ours_llm: LLM, ref_llm: nn.Module, context: int, steps: int = 4, rounds: int = 7) -> dict:
+    """Decode alone, both sides interleaved: each side's cache holds `context` tokens of random keys and values (the
+    same values; ours in model.cache_dtype, the reference's a transformers DynamicCache in its dtype), then `rounds`
+    rounds of `steps` decode steps per side, the order reversed every round, so that a machine whose speed drifts over
+    minutes (this VM's did by 40% within an hour) slows both alike. Returns the median seconds per step of each side
+    and every round's figures, and each side's logits of the first (untimed) step. Ours' cache is sized for all the steps and read whole each step (its fixed-shape
+    step), the reference's grows by one token per step, as in generate."""
+    from transformers import DynamicCache
+    cfg = ours_llm.cfg
+    dtype = ours_llm.embed_tokens.weight.dtype
+    total = steps * rounds + 1  # + the untimed first step of each side
+    ours_cache = KVCache(cfg, 1, context + total + 1, dtype=cache_dtype(dtype, "cpu"))
+    ours_llm(input_ids=torch.zeros(1, 1, dtype=torch.long), cache=ours_cache, return_hidden=True)
+    ref_cache = DynamicCache(config=ref_llm.config)
+    g = torch.Generator().manual_seed(0)
+    for layer in range(cfg.n_layers):
+        k, v = (torch.randn(1, cfg.n_kv_heads, context, cfg.head_dim, generator=g).to(dtype) for _ in range(2))
+        ours_cache.k[layer, :, :, :context] = k
+        ours_cache.v[layer, :, :, :context] = v
+        ref_cache.update(k, v, layer)
+    ours_cache.valid[:, :context] = True
+    ours_cache.slot.fill_(context)
+    ours_cache.next_pos.fill_(context)
+    ours_cache.length = context
+    token = torch.zeros(1, dtype=torch.long)
+    steppers = {"ours": lambda: ours_llm.decode_step(token, ours_cache),
+                "reference": lambda: ref_llm(input_ids=token[None], past_key_values=ref_cache, use_cache=True).logits}
+    first = {k: f().float()[0, -1] if k == "reference" else f().float()[0] for k, f in steppers.items()}
+    times = {k: [] for k in steppers}
+    for r in range(rounds):
+        for name in (list(steppers) if r % 2 == 0 else list(steppers)[::-1]):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                steppers[name]()
+            times[name].append((time.perf_counter() - t0) / steps)
+    return {"median": {k: statistics.median(v) for k, v in times.items()}, "rounds": times, "first": first}
+
+
 # ----------------------------------------------------------------------------------------------
 # Peak memory of one side, in a child process
 
@@ -691,11 +769,13 @@ def case_real_int8(args) -> list:
         print(f"    quantized in {time.perf_counter() - t0:.0f} s; ours int8: {tensor_bytes(s['ours_int8']) / GiB:.2f} "
               f"GiB ({new / GiB:.2f} GiB of it new: the int8 Linears)")
     ours = s["ours_int8"]
-    t = race_answers({"ours int8": lambda m: answer_ours(ours, ids, pixels, n, m),
-                      "reference": lambda m: answer_reference(ref, ids, pixels, n, m)},
-                     args.repeats, args.warmup, clock, args.max_others)
-    same, note = agreement(t["ours int8"]["tokens"], t["reference"]["tokens"])
-    print(f"    generated tokens identical (int8 vs bf16): {same}{note}")
+    t = None
+    if args.ttft:
+        t = race_answers({"ours int8": lambda m: answer_ours(ours, ids, pixels, n, m),
+                          "reference": lambda m: answer_reference(ref, ids, pixels, n, m)},
+                         args.repeats, args.warmup, clock, args.max_others)
+        same, note = agreement(t["ours int8"]["tokens"], t["reference"]["tokens"])
+        print(f"    generated tokens identical (int8 vs bf16): {same}{note}")
 
     bf16 = [m.weight for m in ref.llm.modules() if isinstance(m, nn.Linear)]
     int8 = [(m.weight, m.scale) for m in ours.llm.modules() if isinstance(m, Int8Linear)]
@@ -711,21 +791,43 @@ def case_real_int8(args) -> list:
           f"{r['int8 weights'] * 1e3:.0f} ms ({b8 / r['int8 weights'] / 1e9:.1f} GB/s); a decode step also reads the "
           f"KV cache, {kv / 1e9:.2f} GB in {str(kv_dtype).removeprefix('torch.')} at the mean context ({T + n / 2:.0f} "
           f"tokens)")
-    d8, dref = t["ours int8"]["decode"], t["reference"]["decode"]
+    context = round(T + n / 2)
+    race = decode_race(ours.llm, ref.llm, context)
+    for name, ts in race["rounds"].items():
+        print(f"    interleaved decode at {context} tokens, {name}: " + " ".join(f"{x * 1e3:.0f}" for x in ts)
+              + f"  median {race['median'][name] * 1e3:.0f} ms/step")
+    i8, iref = race["median"]["ours"], race["median"]["reference"]
+    ratios = sorted(a / b for a, b in zip(race["rounds"]["ours"], race["rounds"]["reference"]))
+    print("    interleaved decode, ours / reference per round: " + " ".join(f"{x:.2f}" for x in ratios)
+          + f" (median {statistics.median(ratios):.2f}); first-step logits int8 vs bf16, max |diff| "
+          f"{(race['first']['ours'] - race['first']['reference']).abs().max().item():.3g}")
+    d8, dref = (t["ours int8"]["decode"], t["reference"]["decode"]) if t else (i8, iref)
     shares = [f"ours int8 {d8 * 1e3:.0f} ms = {r['int8 weights'] / d8:.0%} of the int8 pass",
               f"reference bf16 {dref * 1e3:.0f} ms = {r['bf16 weights'] / dref:.0%} of the bf16 pass"]
     if "bf16_decode" in s:
         d16 = s["bf16_decode"]["ours"]
         shares.insert(1, f"ours bf16 (case 6) {d16 * 1e3:.0f} ms = {r['bf16 weights'] / d16:.0%} of the bf16 pass")
     print("    decode step as a share of its roofline: " + "; ".join(shares))
+    p = decode_profile(ours.llm, context)
+    print(f"    ours int8 decode step at {context} tokens under torch.profiler: {p['step'] * 1e3:.0f} ms = int8 "
+          f"matmuls {p['matmuls'] * 1e3:.0f} ms + attention over the {p['cache']} cache {p['attention'] * 1e3:.0f} ms"
+          f" + the rest (norms, RoPE, cache writes, residuals, Python) {p['rest'] * 1e3:.0f} ms")
     if args.profile:
         profile_top("ours int8", lambda: answer_ours(ours, ids, pixels, 1))
     print(f"    this process (both sides + ours' int8 Linears): RSS peak {vm_hwm() / GiB:.2f} GiB")
-    rows = [ttft_row("7", "TTFT, ours int8 vs reference bf16 (same prompt)", t["ours int8"]["ttft"],
-                     t["reference"]["ttft"], None),
-            decode_row("7", f"decode ms/token, ours int8 vs reference bf16 ({same} tokens identical)", d8, dref, 0.6),
-            ("7", "  decode step / bare mat-vec pass over its weights", f"{r['int8 weights'] / d8:.0%} (int8)",
-             f"{r['bf16 weights'] / dref:.0%} (bf16)", "-", "-", "-")]
+    rows = []
+    if t:
+        rows += [ttft_row("7", "TTFT, ours int8 vs reference bf16 (same prompt)", t["ours int8"]["ttft"],
+                          t["reference"]["ttft"], None),
+                 decode_row("7", f"decode ms/token, ours int8 vs reference bf16, in the answers ({same} tokens "
+                                 f"identical)", d8, dref, 0.6)]
+    rows += [decode_row("7", f"decode ms/token, ours int8 vs reference bf16, interleaved at {context} tokens", i8, iref,
+                        0.6),
+             ("7", "  bare mat-vec pass over the weights, int8 / bf16",
+              f"{r['int8 weights'] * 1e3:.0f} ms", f"{r['bf16 weights'] * 1e3:.0f} ms",
+              f"{r['int8 weights'] / r['bf16 weights']:.2f}", "-", "-"),
+             ("7", "  decode step / bare mat-vec pass over its weights", f"{r['int8 weights'] / d8:.0%} (int8)",
+              f"{r['bf16 weights'] / dref:.0%} (bf16)", "-", "-", "-")]
     if mem:
         rows.append(("7", "  peak RSS, ours int8 built + one TTFT (child process)", f"{mem['peak'] / GiB:.2f} GiB", "-",
                      "-", "-", "-"))
@@ -742,6 +844,10 @@ def add_arguments(p):
     p.add_argument("--max-others", type=float, default=0.1,
                    help="cases 6-7: a timed run during which other processes used more than this many CPU seconds "
                         "per second is run again (up to 3 times; each run's figure is printed)")
+    p.add_argument("--ttft", action=argparse_bool(), default=True,
+                   help="case 7: also time whole answers (TTFT, and decode inside them); off: only the interleaved "
+                        "decode steps, the roofline and the profile (minutes instead of half an hour on a CPU without "
+                        "native bf16)")
     p.add_argument("--breakdown", action=argparse_bool(), default=True,
                    help="case 6: also split one TTFT per side into stages with their FLOPs, and the same-inputs control "
                         "of the two LLMs (default on; off saves ~4 TTFTs, over an hour on a CPU without native bf16)")

@@ -126,6 +126,34 @@ def test_the_cases_run_end_to_end_on_tiny_shapes(capsys):
     out = capsys.readouterr().out
     assert "| 6    | TTFT bf16" in out and "| 7    | decode ms/token, ours int8" in out
     assert "decode step as a share of its roofline" in out and "TTFT FLOPs counted" in out
+    assert "ours int8 decode step at" in out and "interleaved at" in out
+    bench.main(["--cases", "7", "--real-preset", "tiny", "--no-ttft", "--no-memory", "--max-others", "inf"])
+    out = capsys.readouterr().out
+    assert "interleaved at" in out and "TTFT" not in out.split("| case")[1]
+
+
+def test_interleaved_decode_feeds_both_sides_the_same_cache(tiny_pair):
+    """decode_race gives ours and the reference the same random cache and token at the same position: in fp32 their
+    first logits agree to parity; the control, ours with int8 weights, does not."""
+    ref, ours, _, _ = tiny_pair
+    got = bench_real.decode_race(ours.llm, ref.llm, context=20, steps=1, rounds=2)
+    assert len(got["rounds"]["ours"]) == len(got["rounds"]["reference"]) == 2
+    diff = (got["first"]["ours"] - got["first"]["reference"]).abs().max().item()
+    int8 = bench_real.ours_from_reference(ref, ours.cfg.vision, torch.float32, "int8")
+    wrong = bench_real.decode_race(int8.llm, ref.llm, context=20, steps=1, rounds=2)
+    control = (wrong["first"]["ours"] - wrong["first"]["reference"]).abs().max().item()
+    print(f"first decode logits, ours vs reference: {diff:.2e}; control (int8 weights) {control:.2e}")
+    assert diff <= 1e-4 < control
+
+
+def test_decode_profile_finds_the_matmul_and_attention_kernels(tiny_pair):
+    """decode_profile sorts a step's time by kernel name: a renamed kernel would silently count as 'the rest', so
+    both named groups must be found; the three parts add up to the step."""
+    ref, ours, _, _ = tiny_pair
+    for llm in (ours.llm, bench_real.ours_from_reference(ref, ours.cfg.vision, torch.float32, "int8").llm):
+        p = bench_real.decode_profile(llm, context=20, steps=2)
+        assert p["matmuls"] > 0 and p["attention"] > 0 and p["step"] > 0
+        assert abs(p["matmuls"] + p["attention"] + p["rest"] - p["step"]) < 1e-9
 
 
 def test_checkpoint_builder_writes_a_loadable_sharded_layout(tmp_path):
