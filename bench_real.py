@@ -452,6 +452,23 @@ DECODE_KERNELS = {"matmuls": ("aten::_weight_int8pack_mm", "aten::mm", "aten::ad
                                 "aten::_scaled_dot_product_attention_math")}
 
 
+def filled_cache(llm: LLM, context: int, extra: int) -> KVCache:
+    """Ours' cache, as a prefill of `context` tokens would leave it (room for `extra` more), holding random keys and
+    values rounded to the model's dtype instead, in the dtype generate() would pick (model.cache_dtype)."""
+    cfg, dtype = llm.cfg, llm.embed_tokens.weight.dtype
+    cache = KVCache(cfg, 1, context + extra, dtype=cache_dtype(dtype, "cpu"))
+    llm(input_ids=torch.zeros(1, 1, dtype=torch.long), cache=cache, return_hidden=True)
+    g = torch.Generator().manual_seed(0)
+    for layer in range(cfg.n_layers):
+        for buffer in (cache.k, cache.v):
+            buffer[layer, :, :, :context] = torch.randn(1, cfg.n_kv_heads, context, cfg.head_dim, generator=g).to(dtype)
+    cache.valid[:, :context] = True
+    cache.slot.fill_(context)
+    cache.next_pos.fill_(context)
+    cache.length = context
+    return cache
+
+
 @torch.no_grad()
 def decode_profile(llm: LLM, context: int, steps: int = 4) -> dict:
     """Where ours' decode step spends its time at a given context, batch 1: milliseconds per step in the matmuls
@@ -460,16 +477,7 @@ def decode_profile(llm: LLM, context: int, steps: int = 4) -> dict:
     instead of a prefill (the step reads every slot under the valid mask, so its work is the same), in the dtype
     generate() would pick (model.cache_dtype). 'step' is the wall time per step under the profiler."""
     from torch.profiler import ProfilerActivity, profile
-    dtype = llm.embed_tokens.weight.dtype
-    cache = KVCache(llm.cfg, 1, context + steps + 1, dtype=cache_dtype(dtype, "cpu"))
-    llm(input_ids=torch.zeros(1, 1, dtype=torch.long), cache=cache, return_hidden=True)
-    g = torch.Generator().manual_seed(0)
-    cache.k.normal_(generator=g)
-    cache.v.normal_(generator=g)
-    cache.valid[:, :context] = True
-    cache.slot.fill_(context)
-    cache.next_pos.fill_(context)
-    cache.length = context
+    cache = filled_cache(llm, context, steps + 1)
     token = torch.zeros(1, dtype=torch.long)
     llm.decode_step(token, cache)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -497,19 +505,10 @@ def decode_race(ours_llm: LLM, ref_llm: nn.Module, context: int, steps: int = 4,
     cfg = ours_llm.cfg
     dtype = ours_llm.embed_tokens.weight.dtype
     total = steps * rounds + 1  # + the untimed first step of each side
-    ours_cache = KVCache(cfg, 1, context + total + 1, dtype=cache_dtype(dtype, "cpu"))
-    ours_llm(input_ids=torch.zeros(1, 1, dtype=torch.long), cache=ours_cache, return_hidden=True)
+    ours_cache = filled_cache(ours_llm, context, total + 1)
     ref_cache = DynamicCache(config=ref_llm.config)
-    g = torch.Generator().manual_seed(0)
-    for layer in range(cfg.n_layers):
-        k, v = (torch.randn(1, cfg.n_kv_heads, context, cfg.head_dim, generator=g).to(dtype) for _ in range(2))
-        ours_cache.k[layer, :, :, :context] = k
-        ours_cache.v[layer, :, :, :context] = v
-        ref_cache.update(k, v, layer)
-    ours_cache.valid[:, :context] = True
-    ours_cache.slot.fill_(context)
-    ours_cache.next_pos.fill_(context)
-    ours_cache.length = context
+    for layer in range(cfg.n_layers):  # the same values, exactly (ours' fp32 cache holds them as the model rounded)
+        ref_cache.update(*(b[layer, :, :, :context].to(dtype) for b in (ours_cache.k, ours_cache.v)), layer)
     token = torch.zeros(1, dtype=torch.long)
     steppers = {"ours": lambda: ours_llm.decode_step(token, ours_cache),
                 "reference": lambda: ref_llm(input_ids=token[None], past_key_values=ref_cache, use_cache=True).logits}
